@@ -1,0 +1,319 @@
+"""memtrack's configuration: typed, documented dataclasses loaded from YAML.
+
+A config file (see ``configs/*.yaml``) has one section per stage of the pipeline. Every field has a
+default and help text; unknown fields and wrong types are refused with a message naming the field path,
+e.g. ``sampling.num_samples: expected int, got 'many'``. The resolved config is saved with every index and
+every run so a result can always say how it was made.
+
+Example:
+    >>> from memtrack.config import load_config
+    >>> cfg = load_config("configs/unconditional.yaml", overrides={"sampling.num_samples": 16})
+    >>> cfg.sampling.num_samples
+    16
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from .errors import ConfigError
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    meta = {"help": help}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    caption_column: str = _f("text", "metadata column holding the caption (HF imagefolder convention)")
+    identity_column: str = _f("identity", "metadata column holding the person/identity label")
+    max_image_pixels: int = _f(64_000_000, "images with more pixels are refused (decompression-bomb guard)")
+    max_metadata_line_bytes: int = _f(1_000_000, "metadata lines longer than this are refused")
+    follow_symlinks_outside: bool = _f(False, "allow files that resolve outside the dataset folder")
+    holdout_fraction: float = _f(0.0, "fraction of the training set held out (for the loss-gap probe)")
+
+
+@dataclass
+class EmbedderSpec:
+    """One embedding space of the reference index: a registered embedder name and its options."""
+
+    name: str = _f("pixel", "registered embedder name: pixel, clip, face, ... (see `memtrack env`)")
+    options: dict = _f(factory=dict, help="options of that embedder (validated by the embedder)")
+
+
+@dataclass
+class IndexConfig:
+    embedders: list = _f(factory=lambda: [EmbedderSpec("pixel", {})],
+                         help="embedding spaces to index: list of {name, options}")
+    k: int = _f(10, "candidates returned by the index per query, re-checked exactly by the detectors")
+    index_type: str = _f("flat", "faiss index choice: flat (exact) or auto (by size; see docs/scale.md)")
+    baseline_k: int = _f(50, "neighbours used for the train->train baseline and the adaptive distance")
+    batch_size: int = _f(64, "images per embedding batch")
+
+
+@dataclass
+class SamplingConfig:
+    num_samples: int = _f(64, "samples drawn from every checkpoint; sample i always starts from the same noise")
+    batch_size: int = _f(32, "samples per forward batch")
+    seed: int = _f(0, "base seed; sample i uses seed + i")
+    num_inference_steps: int = _f(50, "denoising steps per sample")
+    scheduler: Literal["ddim", "ddpm", "run"] = _f("ddim", "sampler: ddim, ddpm, or the run's own saved scheduler")
+    prefer_ema: bool = _f(True, "evaluate unet_ema/ when a checkpoint has it")
+    device: str = _f("cpu", "torch device for sampling, e.g. cuda:1")
+    dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "sampling precision")
+    num_train_timesteps: int = _f(1000, "scheduler fallback when the run saved no scheduler/ (--ddpm_num_steps)")
+    beta_schedule: str = _f("linear", "scheduler fallback (--ddpm_beta_schedule)")
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = _f("epsilon", "scheduler fallback (--prediction_type)")
+    pretrained_model: Optional[str] = _f(None, "base pipeline for text-to-image / DreamBooth / LoRA checkpoints")
+    prompts: Literal["captions", "instance", "file", "none"] = _f("captions", "prompt source for text-to-image")
+    prompt_file: Optional[str] = _f(None, "one prompt per line, with prompts: file")
+    instance_prompt: Optional[str] = _f(None, "the DreamBooth instance prompt, with prompts: instance")
+    seeds_per_prompt: int = _f(1, "samples per prompt (prompts x seeds)")
+    guidance_scale: float = _f(7.5, "classifier-free guidance scale for text-to-image")
+    resolution: Optional[int] = _f(None, "output resolution for text-to-image (default: the model's)")
+
+
+@dataclass
+class DetectorsConfig:
+    nn_ratio: float = _f(1 / 3, "Gu et al. 2023: memorized if d1/d2 < this")
+    tiled_l2: float = _f(0.15, "Carlini et al. 2023: near-copy if max tile RMS distance <= this")
+    tiled_grid: int = _f(4, "tiles per side for tiled_l2")
+    copy: float = _f(0.5, "Somepalli et al. 2023: copy if cosine similarity >= this (feature spaces)")
+    adaptive_alpha: float = _f(0.5, "Carlini et al. 2023 adaptive distance alpha")
+    adaptive_n: int = _f(50, "Carlini et al. 2023 adaptive distance: neighbours averaged")
+    identity_far: float = _f(0.001, "target false-match rate for the calibrated identity threshold")
+    identity_ratio: float = _f(0.6, "identity interpolation: d1/d2 above this means no single identity dominates")
+    calibrate: bool = _f(True, "calibrate thresholds on the training set where the detector allows it")
+
+
+@dataclass
+class DynamicsConfig:
+    baseline_rate: float = _f(0.01, "onset: the Wilson lower bound must exceed this rate")
+    persistence: int = _f(2, "onset: and stay above it for this many further checkpoints")
+    loss_gap: bool = _f(False, "compute the held-out minus train denoising-loss gap per checkpoint")
+    loss_gap_timesteps: int = _f(8, "timesteps spread over the schedule for the loss gap")
+    loss_gap_images: int = _f(32, "training / held-out images used for the loss gap")
+
+
+@dataclass
+class Config:
+    """The whole memtrack config. Sections: data, index, sampling, detectors, dynamics."""
+
+    data: DataConfig = _f(factory=DataConfig, help="how the training set is read")
+    index: IndexConfig = _f(factory=IndexConfig, help="the reference index")
+    sampling: SamplingConfig = _f(factory=SamplingConfig, help="how checkpoints are sampled")
+    detectors: DetectorsConfig = _f(factory=DetectorsConfig, help="detector thresholds")
+    dynamics: DynamicsConfig = _f(factory=DynamicsConfig, help="onset and probes")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def copy(self) -> "Config":
+        return from_dict(Config, self.to_dict())
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return list(value)
+        raise ConfigError(f"{path}: expected a list, got {value!r}")
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown fields and wrong types by path."""
+    where = path or "config"
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__} {data!r}"[:300])
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}", hint=f"known fields here: {known}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{path}.{name}" if path else name
+        kwargs[name] = _coerce(hints[name], value, sub)
+    obj = cls(**kwargs)
+    if cls is IndexConfig:
+        obj.embedders = [_embedder_spec(e, f"{where}.embedders[{i}]") for i, e in enumerate(obj.embedders)]
+    _validate(obj, where)
+    return obj
+
+
+def _embedder_spec(value: Any, path: str) -> EmbedderSpec:
+    if isinstance(value, EmbedderSpec):
+        return value
+    if isinstance(value, str):
+        return EmbedderSpec(value, {})
+    if isinstance(value, dict):
+        value = dict(value)
+        if "name" not in value:
+            raise ConfigError(f"{path}: an embedder needs a 'name' (pixel, clip, face, ...)")
+        name = _coerce(str, value.pop("name"), f"{path}.name")
+        opts = value.pop("options", {})
+        opts = _coerce(dict, opts, f"{path}.options")
+        opts.update(value)  # allow the flat form {name: clip, model: ViT-B-32}
+        return EmbedderSpec(name, opts)
+    raise ConfigError(f"{path}: expected an embedder name or mapping, got {value!r}")
+
+
+_POSITIVE = {
+    "SamplingConfig": ("num_samples", "batch_size", "num_inference_steps", "seeds_per_prompt", "num_train_timesteps"),
+    "IndexConfig": ("k", "baseline_k", "batch_size"),
+    "DetectorsConfig": ("tiled_grid", "adaptive_n"),
+    "DynamicsConfig": ("loss_gap_timesteps", "loss_gap_images"),
+    "DataConfig": ("max_image_pixels", "max_metadata_line_bytes"),
+}
+
+
+def _validate(obj: Any, where: str) -> None:
+    for name in _POSITIVE.get(type(obj).__name__, ()):
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{where}.{name} must be > 0, got {value}")
+    if isinstance(obj, DataConfig) and not 0.0 <= obj.holdout_fraction < 1.0:
+        raise ConfigError(f"{where}.holdout_fraction must be in [0, 1), got {obj.holdout_fraction}")
+    if isinstance(obj, DetectorsConfig):
+        if not 0.0 < obj.identity_far < 1.0:
+            raise ConfigError(f"{where}.identity_far must be in (0, 1), got {obj.identity_far}")
+        if obj.nn_ratio <= 0 or obj.tiled_l2 <= 0:
+            raise ConfigError(f"{where}: nn_ratio and tiled_l2 thresholds must be > 0")
+    if isinstance(obj, DynamicsConfig):
+        if not 0.0 <= obj.baseline_rate < 1.0:
+            raise ConfigError(f"{where}.baseline_rate must be in [0, 1), got {obj.baseline_rate}")
+        if obj.persistence < 0:
+            raise ConfigError(f"{where}.persistence must be >= 0, got {obj.persistence}")
+    if isinstance(obj, IndexConfig) and obj.index_type not in ("flat", "auto"):
+        raise ConfigError(f"{where}.index_type must be 'flat' or 'auto', got {obj.index_type!r}")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted ``overrides``.
+
+    Args:
+        path: a YAML file; missing sections take their defaults.
+        overrides: ``{"sampling.num_samples": 16, ...}`` applied on top (CLI flags use this).
+
+    Raises:
+        ConfigError: naming the file and the field when the file is unreadable, not YAML, or invalid.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}", hint="check the path given to --config") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc.message}", hint=exc.hint) from None
+        raise
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted field, default, help) for every field: the source of the config reference in the docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows.extend(describe(hint, name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((name, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,120 @@
+"""Small shared helpers: the library logger, the progress bar, atomic file writes, hashing.
+
+Library code logs through :func:`get_logger` (WARNING by default; ``MEMTRACK_VERBOSITY=info|debug`` to
+change it) and never prints. Progress bars are shown on the main process only and can be turned off with
+``MEMTRACK_NO_PROGRESS=1``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+_LIBRARY_LOGGER = "memtrack"
+
+
+def _configure_root() -> logging.Logger:
+    root = logging.getLogger(_LIBRARY_LOGGER)
+    if not getattr(root, "_memtrack_configured", False):
+        level = os.environ.get("MEMTRACK_VERBOSITY", "warning").upper()
+        root.setLevel(getattr(logging, level, logging.WARNING))
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("memtrack %(levelname)s: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+        root._memtrack_configured = True  # type: ignore[attr-defined]
+    return root
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The logger for a memtrack module (``name`` is usually ``__name__``)."""
+    _configure_root()
+    return logging.getLogger(name if name.startswith(_LIBRARY_LOGGER) else f"{_LIBRARY_LOGGER}.{name}")
+
+
+def set_verbosity(level: str | int) -> None:
+    """Set the library's log level, e.g. ``set_verbosity("info")``."""
+    root = _configure_root()
+    root.setLevel(getattr(logging, level.upper()) if isinstance(level, str) else level)
+
+
+def is_main_process() -> bool:
+    """True unless this process is a non-zero rank of a distributed launch."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
+                 disable: bool | None = None):
+    """A tqdm bar with counts and rate; silent on non-main processes or with ``MEMTRACK_NO_PROGRESS=1``."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = (not is_main_process()) or os.environ.get("MEMTRACK_NO_PROGRESS", "") not in ("", "0")
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, leave=False)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    A crash or kill leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """A short sha256 of a JSON-serialisable object (keys sorted): the key of caches and store rows."""
+    blob = json.dumps(obj, sort_keys=True, default=_json_default).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
