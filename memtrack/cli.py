@@ -1,0 +1,343 @@
+"""``memtrack`` command line: a thin layer that parses, calls the library, and prints.
+
+Exit codes: 0 success, 1 a ``--fail-on`` gate tripped, 2 an error (bad input, missing file, ...), 130
+interrupted. Errors print one sentence and a hint; ``MEMTRACK_DEBUG=1`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from .errors import ConfigError, MemtrackError
+
+EPILOG = """\
+examples:
+  memtrack index build data/train --out ref/ --embedders pixel,clip
+  memtrack scan runs/ddpm --index ref/
+  memtrack report runs/ddpm --out report.html --fail-on "nn_ratio.rate > 0.01"
+  memtrack check samples/ --index ref/ --json
+  memtrack demo --out demo/
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memtrack", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Track when a diffusion model starts to memorize its training set.",
+                                epilog=EPILOG)
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    # index build
+    idx = sub.add_parser("index", help="build or inspect a reference index of a training set")
+    isub = idx.add_subparsers(dest="index_command", metavar="VERB")
+    b = isub.add_parser("build", help="embed a training set and build its reference index",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="example:\n  memtrack index build data/train --out ref/ --embedders pixel,clip")
+    b.add_argument("data", help="training set folder (plain, or HF imagefolder with metadata.jsonl/.csv)")
+    b.add_argument("--out", required=True, help="index folder to write")
+    b.add_argument("--embedders", help="comma-separated spaces, e.g. pixel,clip,face (default: config or pixel)")
+    b.add_argument("--resolution", type=int, help="pixel space resolution (default 32)")
+    b.add_argument("--config", help="YAML config file")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    b.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    info = isub.add_parser("info", help="describe an index")
+    info.add_argument("index")
+    info.add_argument("--json", action="store_true")
+
+    # scan
+    s = sub.add_parser("scan", help="sample and evaluate every checkpoint of a training run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  memtrack scan runs/ddpm --index ref/ --num-samples 64")
+    s.add_argument("run", help="the training run's --output_dir (holds checkpoint-N folders)")
+    s.add_argument("--index", required=True, help="reference index folder")
+    s.add_argument("--config", help="YAML config file")
+    s.add_argument("--num-samples", type=int, help="samples per checkpoint (sampling.num_samples)")
+    s.add_argument("--steps", type=int, help="denoising steps (sampling.num_inference_steps)")
+    s.add_argument("--device", help="torch device for sampling, e.g. cuda:1 (sampling.device)")
+    s.add_argument("--no-ema", action="store_true", help="evaluate unet/ even when unet_ema/ exists")
+    s.add_argument("--store", help="store folder (default RUN/memtrack)")
+    s.add_argument("--force", action="store_true", help="re-evaluate checkpoints already stored")
+    s.add_argument("--json", action="store_true", help="print per-checkpoint results as JSON lines")
+
+    # report
+    r = sub.add_parser("report", help="write report.html + summary.json for one or more runs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  memtrack report runs/ddpm --out report.html\n"
+                              "  memtrack report runs/a runs/b --out compare.html\n"
+                              "  memtrack report runs/ddpm --fail-on 'nn_ratio.rate > 0.01' "
+                              "--fail-on 'identity_leak.onset != null'")
+    r.add_argument("runs", nargs="+", help="run folder(s); several are overlaid on the same axes")
+    r.add_argument("--out", help="output file (default RUN/memtrack/report.html); summary.json goes beside it")
+    r.add_argument("--format", choices=["html", "md", "json"], default="html")
+    r.add_argument("--index", help="index folder (default: the one the run was scanned with)")
+    r.add_argument("--store", help="store folder (default RUN/memtrack)")
+    r.add_argument("--fail-on", action="append", default=[], metavar="EXPR",
+                   help="gate, e.g. 'nn_ratio.rate > 0.01'; exit 1 when it holds")
+    r.add_argument("--quiet", action="store_true", help="do not print the terminal table")
+
+    st = sub.add_parser("status", help="print the latest checkpoint's rates and onsets")
+    st.add_argument("run")
+    st.add_argument("--store", help="store folder (default RUN/memtrack)")
+    st.add_argument("--json", action="store_true")
+
+    # check
+    c = sub.add_parser("check", help="run the detectors on any folder of generated images",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  memtrack check samples/ --index ref/ --json")
+    c.add_argument("images", help="folder of generated images (any model or service)")
+    c.add_argument("--index", required=True)
+    c.add_argument("--config", help="YAML config file")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    # demo
+    d = sub.add_parser("demo", help="train a tiny DDPM on CPU and show memorization emerging",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  memtrack demo --out demo/")
+    d.add_argument("--out", required=True, help="folder for the demo's data, run, index and report")
+    d.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests; no onset expected)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
+
+    sub.add_parser("env", help="print versions and registries, for bug reports")
+
+    for name, mod in _plugins():
+        mod.add_parser(sub)
+    return p
+
+
+def _plugins():
+    """Sub-commands contributed by other modules (watch, launch): (name, module with add_parser/run)."""
+    out = []
+    try:
+        from .integrations import cli as integ
+
+        out.append(("integrations", integ))
+    except ImportError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def _overrides(args) -> dict:
+    return {"sampling.num_samples": getattr(args, "num_samples", None),
+            "sampling.num_inference_steps": getattr(args, "steps", None),
+            "sampling.device": getattr(args, "device", None),
+            "sampling.prefer_ema": False if getattr(args, "no_ema", False) else None}
+
+
+def cmd_index_build(args) -> int:
+    from .config import EmbedderSpec, load_config
+    from .data import read_dataset
+    from .embedders import get_embedder
+    from .index import ReferenceIndex
+
+    cfg = load_config(args.config)
+    if args.embedders:
+        cfg.index.embedders = [EmbedderSpec(n.strip(), {}) for n in args.embedders.split(",") if n.strip()]
+    if args.resolution:
+        for spec in cfg.index.embedders:
+            if spec.name == "pixel":
+                spec.options["resolution"] = args.resolution
+    embedders = [get_embedder(spec) for spec in cfg.index.embedders]
+    ds = read_dataset(args.data, cfg.data)
+    ref = ReferenceIndex.build(ds, embedders, args.out, cfg, overwrite=args.overwrite)
+    info = _index_info(ref)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"indexed {ref.n_train} training images from {args.data} into {args.out}")
+        _print_index(info)
+    return 0
+
+
+def _index_info(ref) -> dict:
+    return {"path": str(ref.path), "n_train": ref.n_train, "skipped": ref.manifest.get("skipped", []),
+            "spaces": {n: {"dim": s.dim, "metric": s.metric, "vectors": int(len(s.vectors)),
+                           "fingerprint": s.fingerprint} for n, s in ref.spaces.items()},
+            "baseline": {n: {k: v for k, v in b.items() if k != "values"}
+                         for n, b in ref.manifest.get("baseline", {}).items()}}
+
+
+def _print_index(info: dict) -> None:
+    for name, sp in info["spaces"].items():
+        base = info["baseline"].get(name, {})
+        print(f"  {name:<8} {sp['vectors']:>7} vectors  dim {sp['dim']:<5} metric {sp['metric']:<6}  "
+              f"train->train {base.get('statistic', '')}: mean {base.get('mean', float('nan')):.3f} "
+              f"p95 {base.get('p95', float('nan')):.3f}")
+    if info["skipped"]:
+        print(f"  skipped {len(info['skipped'])} unreadable file(s):")
+        for s in info["skipped"][:10]:
+            print(f"    {s['path']}: {s['reason']}")
+
+
+def cmd_index_info(args) -> int:
+    from .index import ReferenceIndex
+
+    info = _index_info(ReferenceIndex.open(args.index))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{info['path']}: {info['n_train']} training images")
+        _print_index(info)
+    return 0
+
+
+def cmd_scan(args) -> int:
+    from .checkpoints import discover
+    from .config import load_config
+    from .tracker import Tracker
+
+    cfg = load_config(args.config, _overrides(args))
+    cks = discover(args.run, prefer_ema=cfg.sampling.prefer_ema)
+    tracker = Tracker.from_config(cfg, index=args.index, run_dir=args.run, store_dir=args.store)
+    try:
+        for ck in cks:
+            res = tracker.evaluate(ck, force=args.force)
+            if args.json:
+                print(json.dumps({"step": res.step, "checkpoint": res.checkpoint, "cached": res.cached,
+                                  "skipped": res.skipped, "reason": res.reason, "metrics": res.metrics}), flush=True)
+            else:
+                print(_scan_line(res), flush=True)
+    finally:
+        tracker.close()
+    if not args.json:
+        print(f"results stored in {tracker.store.folder if tracker.store else args.run}; "
+              f"next: memtrack report {args.run}")
+    return 0
+
+
+def _scan_line(res) -> str:
+    if res.skipped:
+        return f"{res.checkpoint:>18}  skipped: {res.reason}"
+    parts = [f"{n} {m['rate']:.2f} [{m['ci_low']:.2f},{m['ci_high']:.2f}]"
+             for n, m in res.metrics.items() if "rate" in m]
+    tag = " (stored earlier)" if res.cached else f" ({res.duration_s:.1f}s)"
+    return f"{res.checkpoint:>18}  step {res.step:>6}  " + "  ".join(parts) + tag
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    code = write_report(args.runs, out=args.out, fmt=args.format, index=args.index, store_dir=args.store,
+                        gates=args.fail_on, quiet=args.quiet)
+    return code
+
+
+def cmd_status(args) -> int:
+    from .report import run_summary
+    from .report.terminal import render_table
+
+    summary = run_summary(args.run, store_dir=args.store, with_index=False)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(render_table(summary))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .check import check_folder
+
+    result = check_folder(args.images, args.index, args.config)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for im in result["images"]:
+        flags = [n for n, f in im["flags"].items() if f]
+        verdict = ", ".join(flags) if flags else "no match"
+        best = im["matches"][0]["train_id"] if im["matches"] else "-"
+        print(f"{im['file']:<40} {verdict:<32} nearest {best}")
+    for name, r in result["rates"].items():
+        print(f"{name:<16} {r['count']}/{r['n']} = {r['rate']:.3f}  95% CI [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+    for s in result.get("skipped", []):
+        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    paths = run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite)
+    print(f"report:  {paths['report']}\nsummary: {paths['summary']}")
+    return 0
+
+
+def cmd_env(args) -> int:
+    import platform
+
+    from . import __version__
+    from .detectors import list_detectors
+    from .embedders import list_embedders
+
+    lines = [f"memtrack {__version__}", f"python {platform.python_version()} ({platform.platform()})"]
+    for mod in ("torch", "torchvision", "diffusers", "accelerate", "open_clip", "faiss", "numpy", "PIL",
+                "transformers", "dlib", "onnxruntime"):
+        try:
+            m = __import__(mod)
+            lines.append(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception:  # report, don't fail: env is for bug reports
+            lines.append(f"{mod} not installed")
+    try:
+        import torch
+
+        lines.append(f"cuda available: {torch.cuda.is_available()}; threads: {torch.get_num_threads()}")
+    except Exception:
+        pass
+    lines.append(f"embedders: {', '.join(list_embedders())}")
+    lines.append(f"detectors: {', '.join(list_detectors())}")
+    print("\n".join(lines))
+    return 0
+
+
+COMMANDS = {("index", "build"): cmd_index_build, ("index", "info"): cmd_index_info, ("scan", None): cmd_scan,
+            ("report", None): cmd_report, ("status", None): cmd_status, ("check", None): cmd_check,
+            ("demo", None): cmd_demo, ("env", None): cmd_env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"memtrack {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    key = (args.command, getattr(args, "index_command", None))
+    fn = COMMANDS.get(key) or COMMANDS.get((args.command, None))
+    for _, mod in _plugins():
+        fn = fn or mod.commands().get(args.command)
+    if fn is None:
+        parser.parse_args([args.command, "--help"])
+        return 2
+    try:
+        return int(fn(args) or 0)
+    except MemtrackError as exc:
+        if os.environ.get("MEMTRACK_DEBUG"):
+            raise
+        print(f"memtrack: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(textwrap.indent(f"hint: {exc.hint}", "  "), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("memtrack: interrupted; results stored so far are intact", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if os.environ.get("MEMTRACK_DEBUG"):
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"memtrack: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print("  hint: check the path, permissions and free disk space; MEMTRACK_DEBUG=1 shows the traceback",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Per-checkpoint aggregation: rates with Wilson intervals, score distributions, distinct matches.
+
+Pure functions: detector outputs in, plain dicts out (the ``metrics`` block of ``summary.json``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .detectors import DetectorOutput, summarise
+
+
+def wilson_interval(count: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval for a binomial proportion (95% by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and is informative at 0 successes:
+    ``wilson_interval(0, 64) == (0.0, 0.0566...)``. ``n == 0`` gives ``(0.0, 1.0)``.
+    """
+    if n < 0 or count < 0 or count > n:
+        raise ValueError(f"wilson_interval needs 0 <= count <= n, got count={count}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = count / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    if count == 0:
+        low = 0.0
+    if count == n:
+        high = 1.0
+    return low, high
+
+
+def rate_block(flags: np.ndarray) -> dict:
+    """``{"rate", "ci_low", "ci_high", "count", "n"}`` for a boolean array of per-sample verdicts."""
+    flags = np.asarray(flags, dtype=bool)
+    n, count = int(flags.size), int(flags.sum())
+    low, high = wilson_interval(count, n)
+    return {"rate": count / n if n else 0.0, "ci_low": low, "ci_high": high, "count": count, "n": n}
+
+
+def aggregate(outputs: Sequence[DetectorOutput], train_ids: Sequence[str] | None = None,
+              top: int = 8, seeds: Sequence[int] | None = None) -> dict:
+    """Aggregate one checkpoint's detector outputs.
+
+    Returns ``{"metrics": {name: {rate, ci_low, ci_high, count, n, mean, p50, p95, distinct}},
+    "distinct_train_images": int, "top_matches": [...]}`` where ``distinct`` counts the training images
+    that at least one flagged sample reproduces, and ``top_matches`` lists the strongest flagged matches.
+    """
+    metrics: dict[str, dict] = {}
+    reproduced: set[int] = set()
+    matches = []
+    for out in outputs:
+        block = rate_block(out.flagged)
+        stats = summarise(out.score)
+        block.update({"mean": stats["mean"], "p50": stats["p50"], "p95": stats["p95"]})
+        hit = out.match[out.flagged & (out.match >= 0)]
+        block["distinct"] = int(len(set(hit.tolist())))
+        metrics[out.name] = block
+        if out.name in ("nn_ratio", "tiled_l2") or out.name.endswith("_copy"):
+            reproduced.update(hit.tolist())
+        for i in np.flatnonzero(out.flagged):
+            matches.append({
+                "seed": int(seeds[i]) if seeds is not None else int(i),
+                "sample": int(i),
+                "train_row": int(out.match[i]),
+                "train_id": train_ids[int(out.match[i])] if train_ids is not None and out.match[i] >= 0 else None,
+                "detector": out.name,
+                "score": float(out.score[i]),
+                "threshold": out.threshold,
+                "direction": out.direction,
+            })
+    metrics["distinct_train_images"] = {"count": len(reproduced)}
+    matches.sort(key=lambda m: _strength(m))
+    return {"metrics": metrics, "distinct_train_images": len(reproduced), "top_matches": matches[:top]}
+
+
+def _strength(m: dict) -> float:
+    """Sort key: how far past its threshold a match is, relative to the threshold (most extreme first)."""
+    t = m["threshold"] or 1.0
+    margin = (t - m["score"]) / abs(t) if m["direction"] == "below" else (m["score"] - t) / abs(t)
+    return -margin
+
+
+def per_sample_rows(outputs: Iterable[DetectorOutput]) -> list[dict]:
+    """One dict per sample: ``{"scores": {name: score}, "flags": {name: bool}, "matches": {name: row}}``."""
+    outputs = list(outputs)
+    if not outputs:
+        return []
+    n = len(outputs[0].score)
+    rows = [{"scores": {}, "flags": {}, "matches": {}} for _ in range(n)]
+    for out in outputs:
+        for i in range(n):
+            rows[i]["scores"][out.name] = float(out.score[i])
+            rows[i]["flags"][out.name] = bool(out.flagged[i])
+            rows[i]["matches"][out.name] = int(out.match[i])
+        for key, arr in out.extra.items():
+            for i in range(n):
+                rows[i]["scores"][f"{out.name}.{key}"] = float(np.asarray(arr)[i])
+    return rows

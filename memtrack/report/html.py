@@ -1,0 +1,184 @@
+"""The HTML report: one self-contained file that opens anywhere (an e-mail attachment, a CI artifact).
+
+No network: images are ``data:`` URIs, charts are inline SVG drawn by :mod:`memtrack.report.svg`, the
+stylesheet is inline and there is no JavaScript. Every string that came from data is escaped.
+
+Example:
+    >>> from memtrack.report.html import render_html
+    >>> page = render_html(summary, gallery)                       # one run
+    >>> page = render_html(summary_a, [], runs=[summary_a, summary_b])   # runs overlaid
+"""
+from __future__ import annotations
+
+from .html_charts import curves_section, distributions_section, run_names, trajectories_section
+from .html_gallery import identities_section, matches_section
+from .markup import Raw, badge, esc, facts, section, table
+from .style import CSS
+from .text import (changes_sentence, checkpoints, fmt_ci, fmt_num, fmt_pct, fmt_step, label, onset_sentences,
+                   rate_metrics, recommended_sentence)
+
+
+def render_html(summary: dict, gallery: list[dict], *, runs: list[dict] | None = None) -> str:
+    """Render ``summary`` (the ``summary.json`` schema) and its gallery as one HTML page.
+
+    Args:
+        summary: the run to report; its header, verdict, galleries and distributions are shown.
+        gallery: strongest matches and identity blends, each with its image bytes (see ``markup.img``).
+        runs: summaries whose curves are overlaid on the same axes (``summary`` is added first when it is
+            not among them). None or a single run gives the one-run report.
+    """
+    runs = _with_primary(summary, runs)
+    sections = [
+        ("verdict", _verdict(summary)),
+        ("latest", _latest(summary)),
+        ("runs", _runs_table(runs) if len(runs) > 1 else ""),
+        ("curves", curves_section(runs)),
+        ("matches", matches_section(summary, gallery or [])),
+        ("identities", identities_section(summary, gallery or [])),
+        ("trajectories", trajectories_section(summary)),
+        ("distributions", distributions_section(summary)),
+        ("setup", _setup(summary)),
+    ]
+    present = [anchor for anchor, part in sections if part]
+    body = _header(summary, runs, present) + "".join(part for _, part in sections) + _footer(summary)
+    title = f"memtrack: {summary.get('run') or 'run'}" + (f" and {len(runs) - 1} more" if len(runs) > 1 else "")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+            "style-src 'unsafe-inline'\">"
+            f"<title>{esc(title)}</title><style>{CSS}</style></head>"
+            f"<body><main>{body}</main></body></html>\n")
+
+
+def _with_primary(summary: dict, runs: list[dict] | None) -> list[dict]:
+    runs = list(runs or [])
+    if not any(r is summary for r in runs):
+        runs.insert(0, summary)
+    else:
+        runs.sort(key=lambda r: r is not summary)
+    return runs
+
+
+def _header(summary: dict, runs: list[dict], present: list[str]) -> Raw:
+    cps = checkpoints(summary)
+    bits = []
+    if cps:
+        bits.append(f"{len(cps)} checkpoint{'s' if len(cps) != 1 else ''} up to step {fmt_step(cps[-1]['step'])}")
+    if summary.get("generated_at"):
+        bits.append(f"generated {summary['generated_at']}")
+    if summary.get("memtrack_version"):
+        bits.append(f"memtrack {summary['memtrack_version']}")
+    title = f"Memorization report: {summary.get('run') or 'unnamed run'}"
+    if len(runs) > 1:
+        title = "Memorization report: " + " vs ".join(run_names(runs))
+    links = "".join(f'<a href="#{a}">{_NAV[a]}</a>' for a in present if a in _NAV)
+    return Raw(f'<header><h1 class="wrap">{esc(title)}</h1><p class="meta">{esc(" · ".join(bits))}</p>'
+               f'<nav aria-label="sections">{links}</nav></header>')
+
+
+_NAV = {"verdict": "Summary", "latest": "Latest", "runs": "Runs", "curves": "Curves", "matches": "Matches",
+        "identities": "Identities", "trajectories": "Trajectories", "distributions": "Distributions",
+        "setup": "Set-up"}
+
+
+def _verdict(summary: dict) -> Raw:
+    sentences = onset_sentences(summary)
+    began = any((o or {}).get("step") is not None for o in (summary.get("onset") or {}).values())
+    leaked = bool(((summary.get("identities") or {}).get("leaked")))
+    cls = "verdict" if began or leaked else "verdict clean"
+    body = "".join(f'<p class="lead">{esc(s)}</p>' for s in sentences)
+    rec = recommended_sentence(summary)
+    if rec:
+        body += f'<p class="rec">{esc(rec)}</p>'
+    changes = changes_sentence(summary)
+    extra = f'<p class="changes">{esc(changes)}</p>' if changes else ""
+    return Raw(f'<section id="verdict" aria-label="summary"><div class="{cls}">{body}</div>{extra}</section>')
+
+
+def _latest(summary: dict) -> Raw:
+    """The latest checkpoint's rates next to each metric's onset: the at-a-glance table."""
+    cps = checkpoints(summary)
+    if not cps:
+        return Raw("")
+    cp = cps[-1]
+    metrics, onsets = cp.get("metrics") or {}, summary.get("onset") or {}
+    rows = []
+    for m in rate_metrics([summary]):
+        b = metrics.get(m)
+        o = onsets.get(m) or {}
+        onset = fmt_step(o.get("step")) if o.get("step") is not None else ("none" if m in onsets else "")
+        if b and "rate" in b:
+            rows.append([label(m), fmt_pct(b["rate"]), fmt_ci(b), f"{b.get('count', '')}/{b.get('n', '')}", onset])
+        else:
+            rows.append([label(m), "not measured", "", "", onset])
+    distinct = cp.get("distinct_train_images")
+    note = (f"<p>{esc(f'{distinct} distinct training image' + ('s' if distinct != 1 else '') + ' reproduced')} "
+            f"at this checkpoint.</p>") if isinstance(distinct, int) else ""
+    head = (f"<p>Step {esc(fmt_step(cp['step']))}, {esc(cp.get('n_samples', '?'))} samples"
+            + (f", weights {esc(cp['weights'])}" if cp.get("weights") else "") + ".</p>")
+    return section("latest", "Latest checkpoint", head,
+                   table(["metric", "flagged", "95% CI", "count/n", "onset step"], rows, numeric=(1, 2, 3, 4)), note)
+
+
+def _runs_table(runs: list[dict]) -> Raw:
+    metrics = rate_metrics(runs)
+    rows = []
+    for name, run in zip(run_names(runs), runs):
+        cps = checkpoints(run)
+        last = cps[-1] if cps else {}
+        onsets = run.get("onset") or {}
+        row = [name, fmt_step(last.get("step"))]
+        for m in metrics:
+            b = (last.get("metrics") or {}).get(m)
+            o = (onsets.get(m) or {}).get("step")
+            cell = fmt_pct(b["rate"]) if b and "rate" in b else "-"
+            row.append(cell + (f" (onset {fmt_step(o)})" if o is not None else ""))
+        rows.append(row)
+    return section("runs", "Runs compared", "<p>Latest rate per metric, with the onset step where one was found.</p>",
+                   table(["run", "latest step"] + metrics, rows, numeric=range(1, len(metrics) + 2)))
+
+
+def _setup(summary: dict) -> Raw:
+    ds, model, index = summary.get("dataset") or {}, summary.get("model") or {}, summary.get("index") or {}
+    n_train = ds.get("n_train", index.get("n_train"))
+    data_line = None
+    if ds or n_train is not None:
+        data_line = (f"{ds.get('root', '')} · {n_train if n_train is not None else '?'} images"
+                     + (f" ({ds['n_skipped']} skipped)" if ds.get("n_skipped") else "")
+                     + (f" · {ds['layout']}" if ds.get("layout") else ""))
+    model_line = " · ".join(f"{k}: {v}" for k, v in model.items() if isinstance(v, (str, int, float)))
+    grid = facts([("run", summary.get("run")), ("dataset", data_line), ("model", model_line or None),
+                  ("index", f"{index.get('path', '')} · {index.get('n_train', '?')} training images" if index else None)])
+    return section("setup", "Set-up", grid, _spaces_table(index), _thresholds_table(summary))
+
+
+def _spaces_table(index: dict) -> Raw:
+    spaces = index.get("spaces") or {}
+    if not spaces:
+        return Raw("")
+    rows = []
+    for space, sp in spaces.items():
+        recall = sp.get("recall_at_k")
+        rows.append([space, sp.get("name", ""), sp.get("metric", ""), sp.get("dim", ""), sp.get("index_type", ""),
+                     "not measured" if recall is None else fmt_pct(recall), sp.get("fingerprint", "")])
+    return Raw("<h3>Index</h3>" + table(["space", "embedder", "metric", "dim", "index", "recall@k", "fingerprint"],
+                                        rows, numeric=(3, 5)))
+
+
+def _thresholds_table(summary: dict) -> Raw:
+    ths = summary.get("thresholds") or {}
+    if not ths:
+        return Raw("")
+    rows = []
+    for det, th in ths.items():
+        sign = "<" if th.get("direction", "below") == "below" else ">"
+        rows.append([label(det), f"score {sign} {fmt_num(th.get('value'))}",
+                     badge(th["source"]) if th.get("source") else "", th.get("citation", "")])
+    return Raw("<h3>Thresholds</h3>" + table(["detector", "flagged when", "source", "citation"], rows))
+
+
+def _footer(summary: dict) -> Raw:
+    return Raw("<footer><p>Rates are the share of generated samples a detector flags, with 95% Wilson score "
+               "intervals. This file is self-contained: it loads nothing from the network.</p>"
+               f"<p>{esc(summary.get('memtrack_version') and 'memtrack ' + summary['memtrack_version'] or 'memtrack')}"
+               "</p></footer>")

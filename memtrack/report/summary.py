@@ -1,0 +1,136 @@
+"""Turn a run store into ``summary.json`` (the stable schema of ARCHITECTURE.md) and gallery items."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from .. import __version__
+from ..config import Config, from_dict
+from ..data import open_image
+from ..dynamics import last_clean_checkpoint, onsets
+from ..errors import DataError, MemtrackError
+from ..index import ReferenceIndex
+from ..store import RunStore
+from ..utils import get_logger
+
+logger = get_logger(__name__)
+
+RATE_KEYS = ("rate", "ci_low", "ci_high", "count", "n")
+
+
+def open_index_for(store: RunStore, index: str | Path | ReferenceIndex | None = None) -> Optional[ReferenceIndex]:
+    """The index a run was scanned against (recorded in its store), or None when it is gone."""
+    if isinstance(index, ReferenceIndex):
+        return index
+    path = index or (store.get_meta("index") or {}).get("path")
+    if not path:
+        return None
+    try:
+        return ReferenceIndex.open(path)
+    except MemtrackError as exc:
+        logger.warning("the index %s cannot be opened (%s); the report will show no training images", path,
+                       exc.message)
+        return None
+
+
+def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | None = None,
+                  config: Config | None = None) -> dict:
+    """The ``summary.json`` dict of one run, from its store."""
+    if config is None:
+        stored = store.get_meta("config")
+        config = from_dict(Config, stored) if stored else Config()
+    evals = store.evaluations()
+    checkpoints, thresholds = [], {}
+    for ev in evals:
+        info = ev.info
+        thresholds.update(info.get("thresholds", {}))
+        checkpoints.append({
+            "step": ev.step, "checkpoint": ev.checkpoint, "n_samples": ev.n_samples, "weights": ev.weights,
+            "path": info.get("checkpoint", {}).get("path"), "metrics": ev.metrics,
+            "distinct_train_images": info.get("distinct_train_images", 0),
+            "top_matches": info.get("top_matches", []), "duration_s": ev.duration_s,
+        })
+    skipped = [{"step": e.step, "checkpoint": e.checkpoint, "reason": e.reason}
+               for e in store.evaluations(status="skipped")]
+    on = onsets(checkpoints, config.dynamics.baseline_rate, config.dynamics.persistence)
+    summary = {
+        "memtrack_version": __version__,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": str(run_dir),
+        "index": index.summary() if index is not None else store.get_meta("index", {}),
+        "thresholds": thresholds,
+        "checkpoints": checkpoints,
+        "skipped": skipped,
+        "onset": on,
+        "onset_rule": {"baseline_rate": config.dynamics.baseline_rate,
+                       "persistence": config.dynamics.persistence,
+                       "interval": "95% Wilson lower bound"},
+        "recommended_checkpoint": last_clean_checkpoint(checkpoints, on),
+        "sampling": {k: v for k, v in config.to_dict()["sampling"].items()
+                     if k in ("num_samples", "seed", "num_inference_steps", "scheduler", "guidance_scale")},
+    }
+    if index is not None:
+        summary["dataset"] = dict(index.manifest.get("dataset", {}))
+        summary["baseline"] = _baseline_block(index)
+    return summary
+
+
+def _baseline_block(index: ReferenceIndex) -> dict:
+    out = {}
+    for name, stats in index.manifest.get("baseline", {}).items():
+        block = dict(stats)
+        try:
+            vals = index.baseline_values(name)
+            block["values"] = [float(v) for v in vals[:5000] if v == v]
+        except OSError:
+            pass
+        out[name] = block
+    return out
+
+
+def build_gallery(store: RunStore, summary: dict, index: ReferenceIndex | None, max_items: int = 12) -> list[dict]:
+    """The strongest matches of the run (latest checkpoints first), with sample and training images."""
+    items, seen = [], set()
+    evals = {e.checkpoint: e for e in store.evaluations()}
+    for ck in sorted(summary["checkpoints"], key=lambda c: -c["step"]):
+        ev = evals.get(ck["checkpoint"])
+        if ev is None:
+            continue
+        samples = {s["sample"]: s for s in store.samples(ev.id)}
+        for m in ck.get("top_matches", []):
+            key = (m["seed"], m.get("train_id"))
+            if key in seen or len(items) >= max_items:
+                continue
+            seen.add(key)
+            s = samples.get(m.get("sample", -1))
+            if s is None or not s.get("thumb"):
+                continue
+            try:
+                sample_png = (store.folder / s["thumb"]).read_bytes()
+            except OSError:
+                continue
+            rec = _record(index, m.get("train_row"))
+            items.append({"step": ck["step"], "seed": m["seed"], "detector": m["detector"], "score": m["score"],
+                          "threshold": m.get("threshold"), "direction": m.get("direction"),
+                          "sample_png": sample_png, "train_png": _train_png(rec), "train_id": m.get("train_id"),
+                          "caption": rec.caption if rec else None, "identity": rec.identity if rec else None,
+                          "blend": None})
+    return items
+
+
+def _record(index: ReferenceIndex | None, row):
+    if index is None or row is None or row < 0 or row >= len(index.records):
+        return None
+    return index.records[row]
+
+
+def _train_png(rec) -> bytes | None:
+    if rec is None:
+        return None
+    from ..tracker import THUMB_SIZE, png_bytes
+
+    try:
+        return png_bytes(open_image(rec.path), THUMB_SIZE)
+    except DataError:
+        return None

@@ -1,0 +1,227 @@
+"""Rebuild a pipeline from a checkpoint and draw the fixed sample plan.
+
+Seeds are identities: sample ``i`` starts from noise drawn by its own CPU ``torch.Generator`` seeded with
+``seed + i``, at every checkpoint, whatever the batch size, device or number of processes. That is what
+lets memtrack follow one seed across training ("seed 17 locked onto training image 3 at step 4,500").
+
+Checkpoints hold no scheduler, so it is rebuilt from the run's saved ``scheduler/`` folder when there is
+one (the final pipeline has it), else from the config (the script's ``--ddpm_num_steps``,
+``--ddpm_beta_schedule``, ``--prediction_type``), and sampled with DDIM by default.
+
+Pipeline builders are registered by checkpoint kind (:func:`register_pipeline_builder`), so text-to-image,
+DreamBooth and LoRA checkpoints plug in without an if/elif chain here.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .checkpoints import Checkpoint
+from .config import SamplingConfig
+from .errors import CheckpointError, ConfigError
+from .utils import get_logger, progress_bar, stable_hash
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleItem:
+    """One planned sample: its global index, its seed and (text-to-image) its prompt."""
+
+    index: int
+    seed: int
+    prompt: Optional[str] = None
+
+
+@dataclass
+class SamplePlan:
+    """The fixed plan drawn at every checkpoint. ``prompts`` x ``seeds_per_prompt`` for text-to-image."""
+
+    num_samples: int = 64
+    seed: int = 0
+    prompts: Optional[list] = None
+    seeds_per_prompt: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: SamplingConfig, prompts: Sequence[str] | None = None) -> "SamplePlan":
+        return cls(cfg.num_samples, cfg.seed, list(prompts) if prompts else None, cfg.seeds_per_prompt)
+
+    def items(self) -> list[SampleItem]:
+        if not self.prompts:
+            return [SampleItem(i, self.seed + i) for i in range(self.num_samples)]
+        out = []
+        for p_i, prompt in enumerate(self.prompts):
+            for s in range(self.seeds_per_prompt):
+                i = p_i * self.seeds_per_prompt + s
+                out.append(SampleItem(i, self.seed + i, prompt))
+        return out[: self.num_samples] if self.num_samples else out
+
+    def shard(self, rank: int, world: int) -> list[SampleItem]:
+        """The contiguous block of items that process ``rank`` of ``world`` draws (by global index)."""
+        items = self.items()
+        n = len(items)
+        base, extra = divmod(n, world)
+        start = rank * base + min(rank, extra)
+        return items[start:start + base + (1 if rank < extra else 0)]
+
+    def key(self) -> str:
+        return stable_hash(asdict(self))
+
+
+@dataclass
+class Samples:
+    """Drawn images and the plan items they belong to (same order)."""
+
+    images: list
+    items: list
+
+    @property
+    def seeds(self) -> list[int]:
+        return [it.seed for it in self.items]
+
+    def hashes(self) -> list[str]:
+        return [hashlib.sha256(np.asarray(im, dtype=np.uint8).tobytes()).hexdigest() for im in self.images]
+
+
+# ---------------------------------------------------------------------------------------- schedulers
+
+
+def build_scheduler(cfg: SamplingConfig, run_dir: Path | None = None):
+    """The sampling scheduler: the run's saved ``scheduler/`` config if any, else the config's fields."""
+    import diffusers
+
+    saved = None
+    if run_dir is not None and (Path(run_dir) / "scheduler" / "scheduler_config.json").is_file():
+        import json
+
+        saved = json.loads((Path(run_dir) / "scheduler" / "scheduler_config.json").read_text())
+    if saved is None:
+        saved = {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
+                 "prediction_type": cfg.prediction_type}
+    if cfg.scheduler == "ddim":
+        return diffusers.DDIMScheduler.from_config(saved)
+    if cfg.scheduler == "ddpm":
+        return diffusers.DDPMScheduler.from_config(saved)
+    name = saved.get("_class_name")
+    if not name or not hasattr(diffusers, name):
+        raise ConfigError("sampling.scheduler is 'run' but the run saved no scheduler/ folder with a known class",
+                          hint="use sampling.scheduler: ddim")
+    return getattr(diffusers, name).from_config(saved)
+
+
+# ------------------------------------------------------------------------------------------ builders
+
+PipelineBuilder = Callable[[Checkpoint, SamplingConfig, Optional[Path]], object]
+_BUILDERS: dict[str, PipelineBuilder] = {}
+
+
+def register_pipeline_builder(kind: str, builder: PipelineBuilder, *, overwrite: bool = False) -> None:
+    """Register ``builder(checkpoint, sampling_config, run_dir) -> pipeline`` for a checkpoint kind."""
+    if kind in _BUILDERS and not overwrite:
+        raise ValueError(f"a pipeline builder for {kind!r} is already registered")
+    _BUILDERS[kind] = builder
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_unet(folder: Path, dtype: str = "float32"):
+    """Load a ``UNet2DModel`` (unconditional) saved with ``save_pretrained`` -- safetensors preferred."""
+    import diffusers
+
+    config_path = folder / "config.json"
+    try:
+        import json
+
+        cls_name = json.loads(config_path.read_text()).get("_class_name", "UNet2DModel")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {config_path}: {exc}") from None
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise CheckpointError(f"{config_path} names an unknown model class {cls_name!r}")
+    try:
+        return cls.from_pretrained(folder, torch_dtype=_torch_dtype(dtype), use_safetensors=_has_safetensors(folder))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load the model in {folder}: {exc}",
+                              hint="the checkpoint may be half-written or corrupt") from None
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(p.suffix == ".safetensors" for p in folder.iterdir())
+
+
+def _build_unconditional(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
+    import diffusers
+
+    unet = load_unet(ck.weights, cfg.dtype)
+    if unet.config.get("in_channels") is None or type(unet).__name__ != "UNet2DModel":
+        raise CheckpointError(f"{ck.weights} holds a {type(unet).__name__}, not an unconditional UNet2DModel",
+                              hint="set sampling.pretrained_model to the base pipeline for text-to-image runs")
+    scheduler = build_scheduler(cfg, run_dir)
+    pipe_cls = diffusers.DDIMPipeline if isinstance(scheduler, diffusers.DDIMScheduler) else diffusers.DDPMPipeline
+    pipe = pipe_cls(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(cfg.device)
+
+
+register_pipeline_builder("unet", _build_unconditional)
+register_pipeline_builder("pipeline", _build_unconditional)
+
+
+def load_pipeline(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None = None):
+    """Rebuild the pipeline that samples checkpoint ``ck``."""
+    kind = ck.kind
+    if kind not in _BUILDERS:
+        raise CheckpointError(f"{ck.path}: no pipeline builder for checkpoint kind {kind!r}",
+                              hint=f"known kinds: {', '.join(sorted(_BUILDERS))}")
+    if not ck.weights.exists():
+        raise CheckpointError(f"checkpoint {ck.path} vanished before it could be loaded")
+    return _BUILDERS[kind](ck, cfg, run_dir)
+
+
+# ------------------------------------------------------------------------------------------- drawing
+
+
+def draw(pipeline, items: Sequence[SampleItem], cfg: SamplingConfig, *, desc: str = "sampling") -> list:
+    """Run ``pipeline`` on the plan items in batches; one CPU generator per sample, seeded by its seed."""
+    import torch
+
+    images: list = []
+    bar = progress_bar(total=len(items), desc=desc, unit="img")
+    for start in range(0, len(items), cfg.batch_size):
+        batch = items[start:start + cfg.batch_size]
+        gens = [torch.Generator("cpu").manual_seed(int(it.seed)) for it in batch]
+        kwargs = dict(generator=gens, num_inference_steps=cfg.num_inference_steps, output_type="pil")
+        if batch[0].prompt is not None:
+            kwargs.update(prompt=[it.prompt for it in batch], guidance_scale=cfg.guidance_scale)
+            if cfg.resolution:
+                kwargs.update(height=cfg.resolution, width=cfg.resolution)
+        else:
+            kwargs.update(batch_size=len(batch))
+        with torch.inference_mode():
+            out = pipeline(**kwargs)
+        images.extend(im.convert("RGB") for im in out.images)
+        bar.update(len(batch))
+    bar.close()
+    return images
+
+
+def sample(ck: Checkpoint, plan: SamplePlan, cfg: SamplingConfig, run_dir: Path | None = None,
+           items: Sequence[SampleItem] | None = None, pipeline=None) -> Samples:
+    """Draw ``items`` (default: the whole plan) from checkpoint ``ck``."""
+    items = list(items if items is not None else plan.items())
+    pipe = pipeline if pipeline is not None else load_pipeline(ck, cfg, run_dir)
+    images = draw(pipe, items, cfg, desc=f"sampling {ck.name}")
+    return Samples(images, items)
+
+
+def to_uint8(images: Sequence[Image.Image]) -> list[np.ndarray]:
+    return [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]

@@ -1,0 +1,254 @@
+"""The one orchestrator: every entry point ends in :meth:`Tracker.evaluate`.
+
+``evaluate(checkpoint)`` = sample -> embed -> search -> detect -> aggregate -> store -> log. The CLI's
+``scan``, ``watch`` and ``launch``, the accelerate hook and a custom loop's :meth:`Tracker.step` all call it;
+``memtrack check`` calls :meth:`Tracker.assess` (embed -> search -> detect) on images from anywhere.
+
+Example:
+    >>> tracker = Tracker.from_config("configs/unconditional.yaml", index="ref/", run_dir="runs/ddpm")
+    >>> for ck in discover("runs/ddpm"):
+    ...     result = tracker.evaluate(ck)
+    >>> result.metrics["nn_ratio"]["rate"]
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .checkpoints import Checkpoint
+from .config import Config, load_config
+from .detectors import DetectorOutput, SpaceEvidence, run_detectors
+from .embedders import Embedder, get_embedder
+from .errors import CheckpointError, MemtrackError
+from .index import ReferenceIndex
+from .metrics import aggregate, per_sample_rows
+from .sampling import SamplePlan, Samples, load_pipeline, sample
+from .store import RunStore
+from .utils import atomic_write_bytes, get_logger, stable_hash
+
+logger = get_logger(__name__)
+
+THUMB_SIZE = 128
+
+
+@dataclass
+class EvalResult:
+    """What one checkpoint evaluation produced (also what the store holds)."""
+
+    step: int
+    checkpoint: str
+    metrics: dict = field(default_factory=dict)
+    top_matches: list = field(default_factory=list)
+    distinct_train_images: int = 0
+    n_samples: int = 0
+    duration_s: float = 0.0
+    skipped: bool = False
+    cached: bool = False
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Tracker:
+    """Evaluates checkpoints against a reference index and stores the results.
+
+    Args:
+        index: the opened :class:`~memtrack.index.ReferenceIndex`.
+        embedders: one embedder per index space to use (fingerprints are checked against the index).
+        config: the :class:`~memtrack.config.Config`.
+        store: the run's :class:`~memtrack.store.RunStore` (None: results are returned, not stored).
+        run_dir: the training run's output dir (for its saved scheduler and the final pipeline).
+        accelerator: an ``accelerate.Accelerator``; with several processes each samples its share.
+        prompts: prompts for text-to-image sampling (None for unconditional models).
+    """
+
+    def __init__(self, index: ReferenceIndex, embedders: Sequence[Embedder], config: Config | None = None,
+                 store: RunStore | None = None, run_dir: str | Path | None = None, accelerator: Any = None,
+                 prompts: Sequence[str] | None = None):
+        self.index = index
+        self.embedders = list(embedders)
+        self.config = config or Config()
+        self.store = store
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.accelerator = accelerator
+        for emb in self.embedders:
+            index.check_embedder(emb)
+        self.plan = SamplePlan.from_config(self.config.sampling, prompts)
+        self._last_step: int | None = None
+
+    # ------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: str | Path | Config | None = None, *, index: str | Path | ReferenceIndex,
+                    run_dir: str | Path | None = None, accelerator: Any = None, store: bool = True,
+                    store_dir: str | Path | None = None, overrides: dict | None = None,
+                    prompts: Sequence[str] | None = None) -> "Tracker":
+        """Build a tracker from a config file (or object) and an index folder.
+
+        The embedders are those the index was built with (their options come from the index manifest, so
+        a scan cannot silently use another embedder); a config that lists embedders must match them.
+        """
+        cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        ref = index if isinstance(index, ReferenceIndex) else ReferenceIndex.open(index)
+        embedders = embedders_for(ref, cfg)
+        rs = None
+        if store and run_dir is not None and _is_main(accelerator):
+            rs = RunStore.open(run_dir, folder=store_dir)
+            rs.set_meta("config", cfg.to_dict())
+            rs.set_meta("index", {"path": str(Path(ref.path).resolve()), "fingerprint": ref.fingerprint,
+                                  "n_train": ref.n_train})
+        return cls(ref, embedders, cfg, rs, run_dir, accelerator, prompts)
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def eval_key(self, ck: Checkpoint) -> str:
+        """What makes two evaluations of a checkpoint the same: weights, sampling, detectors, index."""
+        cfg = self.config.to_dict()
+        return stable_hash({"weights": ck.fingerprint(), "weights_name": ck.weights_name,
+                            "sampling": {k: v for k, v in cfg["sampling"].items() if k not in ("device", "batch_size")},
+                            "detectors": cfg["detectors"], "index": self.index.fingerprint,
+                            "index_k": cfg["index"]["k"], "plan": self.plan.key()})
+
+    def evaluate(self, ck: Checkpoint, *, force: bool = False, pipeline=None) -> EvalResult:
+        """Evaluate one checkpoint (skipped when already stored with the same evaluation key)."""
+        key = self.eval_key(ck)
+        if self.store is not None and not force:
+            done = self.store.find(ck.name, key)
+            if done is not None:
+                logger.info("%s already evaluated (key %s); skipping", ck.name, key)
+                return EvalResult(ck.step, ck.name, self.store.metrics(done.id), n_samples=done.n_samples,
+                                  cached=True, skipped=done.status == "skipped", reason=done.reason)
+        t0 = time.perf_counter()
+        # 1. sample (each process its share of the seed plan; gathered in global-index order)
+        try:
+            samples = self._sample(ck, pipeline)
+        except CheckpointError as exc:
+            return self._skip(ck, key, exc.message)
+        if not _is_main(self.accelerator):
+            return EvalResult(ck.step, ck.name, n_samples=len(samples.images), skipped=True,
+                              reason="not the main process")
+        # 2-4. embed, search, detect
+        outputs = self.assess(samples.images)
+        # 5. aggregate
+        agg = aggregate(outputs, self.index.train_ids, seeds=samples.seeds)
+        result = EvalResult(ck.step, ck.name, agg["metrics"], agg["top_matches"], agg["distinct_train_images"],
+                            len(samples.images), time.perf_counter() - t0)
+        # 6. store (thumbnails first, then one transaction)
+        if self.store is not None:
+            rows = self._sample_rows(samples, outputs, ck, key)
+            info = {"checkpoint": ck.to_dict(), "top_matches": agg["top_matches"],
+                    "distinct_train_images": agg["distinct_train_images"],
+                    "thresholds": thresholds_block(outputs, self.config)}
+            self.store.record(step=ck.step, checkpoint=ck.name, weights=ck.weights_name, eval_key=key,
+                              metrics=agg["metrics"], samples=rows, info=info, duration_s=result.duration_s)
+        # 7. log next to the training loss
+        self._log(result)
+        return result
+
+    def assess(self, images: Sequence[Image.Image]) -> list[DetectorOutput]:
+        """Embed ``images`` in every space, fetch their top-k training candidates, run the detectors."""
+        evidence: dict[str, SpaceEvidence] = {}
+        for emb in self.embedders:
+            space = self.index.spaces[emb.name]
+            query = np.asarray(emb.embed(list(images)), dtype=np.float32)
+            k = self._k(emb.name)
+            _, ids = self.index.search(emb.name, query, k)
+            shape = (3, emb.options.resolution, emb.options.resolution) if emb.name == "pixel" else None
+            evidence[emb.name] = SpaceEvidence(space.metric, query, self.index.record_rows(emb.name, ids),
+                                               self.index.candidates(emb.name, ids), shape)
+        return run_detectors(evidence, self.config.detectors)
+
+    def _k(self, space: str) -> int:
+        k = self.config.index.k
+        if space == "pixel":
+            k = max(k, self.config.detectors.adaptive_n, 2)
+        return min(k, self.index.spaces[space].index.ntotal)
+
+    def _sample(self, ck: Checkpoint, pipeline) -> Samples:
+        acc = self.accelerator
+        if acc is None or getattr(acc, "num_processes", 1) <= 1:
+            return sample(ck, self.plan, self.config.sampling, self.run_dir, pipeline=pipeline)
+        from accelerate.utils import gather_object
+
+        mine = self.plan.shard(acc.process_index, acc.num_processes)
+        local = sample(ck, self.plan, self.config.sampling, self.run_dir, items=mine, pipeline=pipeline)
+        arrays = gather_object([np.asarray(im, dtype=np.uint8) for im in local.images])
+        return Samples([Image.fromarray(a) for a in arrays], self.plan.items())
+
+    def _skip(self, ck: Checkpoint, key: str, reason: str) -> EvalResult:
+        logger.warning("skipping %s: %s", ck.name, reason)
+        if self.store is not None:
+            self.store.record_skip(step=ck.step, checkpoint=ck.name, eval_key=key, reason=reason)
+        return EvalResult(ck.step, ck.name, skipped=True, reason=reason)
+
+    def _sample_rows(self, samples: Samples, outputs: list[DetectorOutput], ck: Checkpoint, key: str) -> list[dict]:
+        thumbs = self.store.thumb_dir(key, ck.name)
+        rows = per_sample_rows(outputs)
+        out = []
+        for i, (im, item, sha) in enumerate(zip(samples.images, samples.items, samples.hashes())):
+            path = thumbs / f"{item.index:05d}.png"
+            atomic_write_bytes(path, png_bytes(im, THUMB_SIZE))
+            row = rows[i] if rows else {"scores": {}, "flags": {}, "matches": {}}
+            out.append({"sample": item.index, "seed": item.seed, "prompt": item.prompt, "sha256": sha,
+                        "thumb": str(path.relative_to(self.store.folder)), **row})
+        return out
+
+    def _log(self, result: EvalResult) -> None:
+        acc = self.accelerator
+        if acc is None or not getattr(acc, "trackers", None):
+            return
+        values = {f"memtrack/{name}": m["rate"] for name, m in result.metrics.items() if "rate" in m}
+        values["memtrack/distinct_train_images"] = result.distinct_train_images
+        acc.log(values, step=result.step)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def embedders_for(ref: ReferenceIndex, cfg: Config) -> list[Embedder]:
+    """The embedders to scan with: the index's own, rebuilt from the options stored in its manifest.
+
+    When the config names embedders explicitly (not the default), each must match the index's
+    fingerprint for that space -- a scan with another embedder is refused, naming the difference.
+    """
+    if cfg.index.embedders == Config().index.embedders:
+        return [get_embedder({"name": name, **space.info.get("options", {})}) for name, space in ref.spaces.items()]
+    chosen = []
+    for spec in cfg.index.embedders:
+        emb = get_embedder(spec)
+        ref.check_embedder(emb)
+        chosen.append(emb)
+    return chosen
+
+
+def thresholds_block(outputs: Sequence[DetectorOutput], config: Config) -> dict:
+    """The ``thresholds`` block of summary.json: value, source and citation of every detector's threshold."""
+    cites = {"nn_ratio": "Gu et al. 2023, On Memorization in Diffusion Models",
+             "tiled_l2": "Carlini et al. 2023, Extracting Training Data from Diffusion Models",
+             "adaptive_l2": "Carlini et al. 2023 (CIFAR-10 section)"}
+    out = {}
+    for o in outputs:
+        cite = cites.get(o.name, "Somepalli et al. 2023, Diffusion Art or Digital Forgery?"
+                         if o.name.endswith("_copy") else "")
+        out[o.name] = {"value": o.threshold, "source": getattr(o, "threshold_source", "default"),
+                       "direction": o.direction, "citation": cite}
+    return out
+
+
+def png_bytes(image: Image.Image, max_side: int | None = None) -> bytes:
+    im = image.convert("RGB")
+    if max_side and max(im.size) > max_side:
+        im.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _is_main(accelerator: Any) -> bool:
+    return accelerator is None or bool(getattr(accelerator, "is_main_process", True))
