@@ -78,6 +78,9 @@ def observe(summary: dict, metric: str, fld: str):
     if not cks:
         return None
     block = cks[-1].get("metrics", {}).get(metric, {})
+    if block and fld not in block:  # e.g. distinct_train_images.rate: a gate that could never trip
+        raise GateError(f"metric {metric!r} has no field {fld!r}",
+                        hint=f"its fields: {', '.join(f for f in FIELDS if f in block or f == 'onset')}")
     return block.get(fld)
 
 

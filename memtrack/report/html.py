@@ -148,8 +148,34 @@ def _setup(summary: dict) -> Raw:
                      + (f" · {ds['layout']}" if ds.get("layout") else ""))
     model_line = " · ".join(f"{k}: {v}" for k, v in model.items() if isinstance(v, (str, int, float)))
     grid = facts([("run", summary.get("run")), ("dataset", data_line), ("model", model_line or None),
-                  ("index", f"{index.get('path', '')} · {index.get('n_train', '?')} training images" if index else None)])
-    return section("setup", "Set-up", grid, _spaces_table(index), _thresholds_table(summary))
+                  ("index", f"{index.get('path', '')} · {index.get('n_train', '?')} training images"
+                   if index else None),
+                  ("sampling", _pairs(summary.get("sampling"))), ("onset rule", _onset_rule(summary))])
+    return section("setup", "Set-up", grid, _spaces_table(index), _thresholds_table(summary), _skipped(summary))
+
+
+def _pairs(block: dict | None) -> str | None:
+    if not block:
+        return None
+    return " · ".join(f"{k}: {v}" for k, v in block.items() if isinstance(v, (str, int, float)) and v is not None)
+
+
+def _onset_rule(summary: dict) -> str | None:
+    rule = summary.get("onset_rule")
+    if not rule or rule.get("baseline_rate") is None:
+        return None
+    return (f"first checkpoint whose {rule.get('interval', '95% Wilson lower bound')} exceeds "
+            f"{fmt_pct(rule['baseline_rate'])} and stays above it for the next {rule.get('persistence', '?')} "
+            "checkpoints")
+
+
+def _skipped(summary: dict) -> Raw:
+    skipped = summary.get("skipped") or []
+    if not skipped:
+        return Raw("")
+    rows = [[fmt_step(s.get("step")), s.get("checkpoint", ""), s.get("reason", "")] for s in skipped]
+    return Raw(f"<h3>Skipped checkpoints ({len(skipped)})</h3>" + table(["step", "checkpoint", "reason"], rows,
+                                                                        numeric=(0,)))
 
 
 def _spaces_table(index: dict) -> Raw:
@@ -160,9 +186,25 @@ def _spaces_table(index: dict) -> Raw:
     for space, sp in spaces.items():
         recall = sp.get("recall_at_k")
         rows.append([space, sp.get("name", ""), sp.get("metric", ""), sp.get("dim", ""), sp.get("index_type", ""),
-                     "not measured" if recall is None else fmt_pct(recall), sp.get("fingerprint", "")])
+                     "not measured" if recall is None else fmt_pct(recall), _fingerprint(sp)])
     return Raw("<h3>Index</h3>" + table(["space", "embedder", "metric", "dim", "index", "recall@k", "fingerprint"],
                                         rows, numeric=(3, 5)))
+
+
+def _fingerprint(space: dict) -> str:
+    """What identifies the embedder beyond name, metric and dim (weights hash, preprocessing, ...)."""
+    if isinstance(space.get("fingerprint"), str):
+        return space["fingerprint"]
+    shown = {"name", "metric", "dim", "index_type", "n_vectors", "recall_at_k", "fingerprint"}
+    return " · ".join(f"{k}: {_short(v)}" for k, v in space.items()
+                      if k not in shown and isinstance(v, (str, int, float)) and v is not None)
+
+
+def _short(value: object) -> object:
+    """A long hex digest shortened to 12 characters: enough to compare, short enough to read."""
+    if isinstance(value, str) and len(value) >= 32 and all(c in "0123456789abcdef" for c in value.lower()):
+        return value[:12] + "…"
+    return value
 
 
 def _thresholds_table(summary: dict) -> Raw:

@@ -24,7 +24,8 @@ def _style(i: int, n_runs: int) -> tuple[str, str]:
     return svg.OKABE_ITO[i % 7], svg.DASHES[i % len(svg.DASHES)]
 
 
-def _rate_series(run: dict, metric: str, name: str, colour: str, dash: str) -> svg.Series | None:
+def _rate_series(run: dict, metric: str, name: str, colour: str, dash: str,
+                 onset_colour: str | None = None) -> svg.Series | None:
     pts = series(run, metric)
     if not pts:
         return None
@@ -32,7 +33,8 @@ def _rate_series(run: dict, metric: str, name: str, colour: str, dash: str) -> s
     tips = [f"{name} - step {fmt_step(s)}: {fmt_pct(b['rate'])} {fmt_ci(b)}"
             + (f", {b['count']}/{b['n']}" if "count" in b and "n" in b else "") for s, b in pts]
     return svg.Series(name, [(s, b["rate"], b.get("ci_low"), b.get("ci_high")) for s, b in pts], colour, dash,
-                      onset.get("step"), onset.get("between"), tips)
+                      onset.get("step"), onset.get("between"), tips, onset_colour=onset_colour,
+                      onset_tentative=onset.get("confirmed") is False)
 
 
 def _threshold_note(summary: dict, metric: str) -> str:
@@ -49,15 +51,18 @@ def metric_figure(runs: list[dict], metric: str) -> Raw:
     names = run_names(runs)
     lines = []
     for i, (run, name) in enumerate(zip(runs, names)):
-        s = _rate_series(run, metric, name, *_style(i, len(runs)))
+        onset_colour = svg.OKABE_ITO[1] if len(runs) == 1 else None  # one run: vermillion marks the onset
+        s = _rate_series(run, metric, name, *_style(i, len(runs)), onset_colour=onset_colour)
         if s is not None:
+            if len(runs) > 1:  # overlapping bands and onset windows would turn to mud
+                s.band_opacity, s.onset_between = 0.08, None
             lines.append(s)
     if not lines:
         return Raw("")
     last_step, last = series(runs[0], metric)[-1] if series(runs[0], metric) else (None, None)
     desc = (f"{label(metric)} over training steps" +
             (f"; latest {fmt_pct(last['rate'])} at step {fmt_step(last_step)}" if last else ""))
-    chart = svg.line_chart(lines, title=f"{label(metric)}: share of samples flagged", desc=desc, ylabel="flagged")
+    chart = svg.line_chart(lines, title=f"{label(metric)}: share of samples flagged", desc=desc)
     notes = [n for n in (_threshold_note(runs[0], metric),) if n]
     if len(runs) == 1 and last:
         notes.insert(0, f"latest {fmt_pct(last['rate'])} {fmt_ci(last)} at step {fmt_step(last_step)}")
@@ -78,7 +83,7 @@ def count_figure(runs: list[dict], name: str) -> Raw:
                                     tips=[f"{rname} - step {fmt_step(s)}: {v:g}" for s, v in pts]))
     if not lines:
         return Raw("")
-    chart = svg.line_chart(lines, title=label(name), percent=False, ylabel="count")
+    chart = svg.line_chart(lines, title=label(name), percent=False)
     key = legend((svg.swatch(s.colour, s.dash), s.label) for s in lines) if len(runs) > 1 else ""
     return Raw(f'<figure class="metric" data-metric="{esc(name)}"><h3>{esc(label(name))}</h3>{chart}{key}</figure>')
 
@@ -90,10 +95,13 @@ def curves_section(runs: list[dict]) -> Raw:
     if not figs:
         return Raw("")
     c = svg.OKABE_ITO[0] if len(runs) == 1 else svg.MUTED
+    o = svg.OKABE_ITO[1] if len(runs) == 1 else svg.MUTED
+    any_onset = any((o or {}).get("step") is not None for r in runs for o in (r.get("onset") or {}).values())
     key = legend([(svg.swatch(c), "share of samples flagged" if len(runs) == 1 else "rate (one line per run)"),
-                  (svg.swatch(c, kind="band"), "95% Wilson interval"),
-                  (svg.swatch(c, "5 3"), "onset"),
-                  (svg.swatch(c, kind="band"), "onset window (last clean to first flagged checkpoint)")])
+                  (svg.swatch(c, kind="band"), "95% Wilson interval")]
+                 + ([(svg.swatch(o, "5 3"), "onset")] if any_onset else [])
+                 + ([(svg.swatch(o, kind="band"), "between the last clean and the first flagged checkpoint")]
+                    if any_onset and len(runs) == 1 else []))
     runs_key = ""
     if len(runs) > 1:
         runs_key = legend((svg.swatch(*_style(i, len(runs))), n) for i, n in enumerate(run_names(runs)))
@@ -149,15 +157,17 @@ def trajectories_section(summary: dict, max_rows: int = 80) -> Raw:
     items += [(svg.swatch("#ffffff", kind="square"), "no match"), (svg.swatch("", kind="ring"), "locked on")]
     intro = (f"<p>Each row is one seed (the same starting noise at every checkpoint); colour is the training "
              f"image it matched. {len(rows)} of {n_seeds} seeds matched at some checkpoint"
-             + (f"; the first {max_rows} are shown" if len(rows) > max_rows else "") + ". Hover a cell for the file name.</p>")
+             + (f"; the first {max_rows} are shown" if len(rows) > max_rows else "")
+             + ". Hover a cell for the file name.</p>")
     return section("trajectories", "Per-seed trajectories", intro, legend(items),
                    f'<figure class="heat">{chart}</figure>')
 
 
-def baseline_part(summary: dict) -> Raw:
+def baseline_part(summary: dict) -> tuple[list[str], Raw]:
+    """The baseline histograms (where values are stored) and the percentile table of every space."""
     base = summary.get("baseline") or {}
     if not base:
-        return Raw("")
+        return [], Raw("")
     figs, rows = [], []
     for space, b in base.items():
         rows.append([space, b.get("n")] + [fmt_num(b.get(k)) for k in ("mean", "p50", "p75", "p90", "p95", "p99")])
@@ -166,12 +176,11 @@ def baseline_part(summary: dict) -> Raw:
             chart = svg.histogram([svg.Distribution(f"{space} train->train", b["values"], svg.OKABE_ITO[2])],
                                   title=f"{space}: distance from each training image to its nearest other one",
                                   xlabel=f"nearest-neighbour distance ({space})", markers=marks)
-            figs.append(f"<figure><h3>{esc(space)} space</h3>{chart}</figure>")
-    intro = ("<p>How close training images are to each other (each one's nearest other training image): "
-             "the reference for calling a generated sample a copy.</p>")
-    grid = f'<div class="grid">{"".join(figs)}</div>' if figs else ""
-    return Raw("<h3>Train &rarr; train baseline</h3>" + intro + grid +
-               table(["space", "n", "mean", "p50", "p75", "p90", "p95", "p99"], rows, numeric=range(1, 8)))
+            figs.append(f'<figure class="dist"><h3>Train &rarr; train: {esc(space)}</h3>{chart}<figcaption>each '
+                        "training image's distance to its nearest other training image</figcaption></figure>")
+    return figs, Raw("<h3>Train &rarr; train baseline</h3><p>How close training images are to each other: the "
+                     "reference for calling a generated sample a copy.</p>" +
+                     table(["space", "n", "mean", "p50", "p75", "p90", "p95", "p99"], rows, numeric=range(1, 8)))
 
 
 def calibration_part(summary: dict) -> Raw:
@@ -188,9 +197,12 @@ def calibration_part(summary: dict) -> Raw:
                  + ([(svg.swatch(svg.INK, "5 3"), "threshold")] if marks else []))
     far = f"; false-accept rate {fmt_pct(cal['far'])}" if cal.get("far") is not None else ""
     src = badge(cal["source"]) if cal.get("source") else ""
-    return Raw(f"<h3>Identity calibration</h3><figure>{chart}{key}<figcaption>threshold "
+    return Raw(f"<figure class=\"dist\"><h3>Identity calibration</h3>{chart}{key}<figcaption>threshold "
                f"{esc(fmt_num(thr))} {src}{esc(far)}</figcaption></figure>")
 
 
 def distributions_section(summary: dict) -> Raw:
-    return section("distributions", "Reference distributions", baseline_part(summary), calibration_part(summary))
+    figs, base_table = baseline_part(summary)
+    figs = figs + [f for f in (calibration_part(summary),) if f]
+    grid = f'<div class="grid">{"".join(figs)}</div>' if figs else ""
+    return section("distributions", "Reference distributions", grid, base_table)

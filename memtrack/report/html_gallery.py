@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .markup import Raw, badge, esc, img, section, table
-from .text import comparison, fmt_step, label
+from .text import checkpoints, comparison, fmt_step, label
 
 
 def _threshold_source(summary: dict, detector: str) -> Raw | str:
@@ -13,7 +13,9 @@ def _threshold_source(summary: dict, detector: str) -> Raw | str:
 
 def _verdict_line(summary: dict, item: dict) -> str:
     det = str(item.get("detector", ""))
-    cmp = comparison(float(item["score"]), item.get("threshold"), item.get("direction", "below"))
+    th = (summary.get("thresholds") or {}).get(det) or {}
+    direction = item.get("direction") or th.get("direction") or "below"
+    cmp = comparison(item.get("score"), item.get("threshold", th.get("value")), direction)
     where = f"step {fmt_step(item.get('step'))}, seed {item.get('seed')}"
     return (f'<p class="facts-line"><strong>{esc(label(det))}</strong>: {esc(cmp)} '
             f'{_threshold_source(summary, det)}<br>{esc(where)}</p>')
@@ -45,11 +47,25 @@ def blend_card(summary: dict, item: dict) -> str:
 def matches_section(summary: dict, gallery: list[dict]) -> Raw:
     items = [g for g in gallery if not g.get("blend")]
     if not items:
-        return Raw("")
+        return top_matches_table(summary)
     intro = ("<p>The strongest flagged matches: each generated sample beside the training image it is closest "
              "to, with the score and the threshold it crossed.</p>")
     return section("matches", "Strongest matches", intro,
                    f'<div class="cards">{"".join(match_card(summary, g) for g in items)}</div>')
+
+
+def top_matches_table(summary: dict) -> Raw:
+    """Without a gallery, the latest checkpoint's strongest matches as a table (no images)."""
+    cps = checkpoints(summary)
+    top = (cps[-1].get("top_matches") or []) if cps else []
+    if not top:
+        return Raw("")
+    rows = [[m.get("train_id") or "", label(str(m.get("detector", ""))),
+             comparison(m.get("score"), m.get("threshold"), m.get("direction", "below")), m.get("seed", "")]
+            for m in top]
+    return section("matches", "Strongest matches",
+                   f"<p>At step {esc(fmt_step(cps[-1]['step']))} (no images were provided).</p>",
+                   table(["training image", "detector", "score", "seed"], rows, numeric=(3,)))
 
 
 def identities_section(summary: dict, gallery: list[dict]) -> Raw:

@@ -51,7 +51,7 @@ def badge(text: str) -> Raw:
     return Raw(f'<span class="badge {kind}">{esc(text)}</span>')
 
 
-def _mime(data: bytes) -> str | None:
+def image_mime(data: bytes) -> str | None:
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image/png"
     if data.startswith(b"\xff\xd8\xff"):
@@ -74,7 +74,7 @@ def img(data: bytes | None, alt: str) -> Raw:
 
     Small images (the 32-64 px of a demo) are drawn with crisp pixels instead of a blur.
     """
-    mime = _mime(data) if data else None
+    mime = image_mime(data) if data else None
     if mime is None:
         why = "no image" if not data else "image format not shown"
         return Raw(f'<div class="missing" role="img" aria-label="{esc(alt)}: {why}">{why}</div>')

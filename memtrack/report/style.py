@@ -14,6 +14,8 @@ nav{display:flex;flex-wrap:wrap;gap:4px 14px;margin:10px 0 4px;font-size:.9rem}
 nav a{color:var(--blue);text-decoration:none}nav a:hover{text-decoration:underline}
 h2{font-size:1.2rem;margin:34px 0 10px;padding-bottom:4px;border-bottom:1px solid var(--line)}
 h3{font-size:1rem;margin:0 0 6px}
+section>h3{margin-top:18px}
+.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
 p{margin:.4em 0}
 .verdict{margin:16px 0 8px;padding:14px 18px;border-radius:8px;border-left:7px solid var(--verm);
 background:var(--warnbg)}
@@ -28,7 +30,8 @@ background:var(--warnbg)}
 .facts dd{margin:0;overflow-wrap:anywhere}
 .table-wrap{overflow-x:auto;max-width:100%;margin:6px 0 10px}
 table{border-collapse:collapse;font-size:.9rem;min-width:60%}
-th,td{padding:5px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+th,td{padding:5px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top;
+overflow-wrap:break-word}
 th{font-weight:600;background:var(--panel);white-space:nowrap}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.flag{color:var(--verm);font-weight:600}
@@ -41,14 +44,14 @@ background:#fff;white-space:nowrap}
 figure{margin:0;padding:10px 12px;border:1px solid var(--line);border-radius:8px;background:#fff;min-width:0}
 figcaption{font-size:.86rem;color:var(--muted);margin-top:4px}
 svg.chart{display:block;width:100%;height:auto}
-.heat svg.chart{max-width:820px}
+figure.heat{overflow-x:auto}
 .legend{display:flex;flex-wrap:wrap;gap:2px 14px;font-size:.85rem;color:var(--ink);margin:4px 0}
 .legend span{display:inline-flex;align-items:center;gap:5px;overflow-wrap:anywhere}
 svg.swatch{flex:none}
 .imgs{display:grid;gap:6px;grid-template-columns:repeat(2,minmax(0,1fr))}
 .imgs.three{grid-template-columns:repeat(3,minmax(0,1fr))}
 .imgs figure{padding:0;border:0}
-.imgs img,.imgs .missing{display:block;width:100%;aspect-ratio:1/1;object-fit:contain;background:#eceff2;
+.imgs img,.imgs .missing{display:block;width:100%;height:auto;aspect-ratio:1/1;object-fit:contain;background:#eceff2;
 border-radius:4px}
 .imgs img.px{image-rendering:pixelated}
 .imgs .missing{display:flex;align-items:center;justify-content:center;color:var(--muted);font-size:.8rem;
@@ -61,6 +64,7 @@ code{font-size:.88em;background:var(--panel);padding:0 3px;border-radius:3px}
 details{margin:8px 0}summary{cursor:pointer;color:var(--blue)}
 footer{margin-top:40px;color:var(--muted);font-size:.82rem}
 @media (max-width:520px){main{padding:12px 10px 40px}header h1{font-size:1.3rem}
-.verdict{padding:10px 12px}.verdict .lead{font-size:1.05rem}th,td{padding:4px 6px}}
+.verdict{padding:10px 12px}.verdict .lead{font-size:1.05rem}th,td{padding:4px 6px}
+.metric svg.chart text,.dist svg.chart text{font-size:15px}}
 @media print{nav{display:none}figure,.card{break-inside:avoid}}
 """

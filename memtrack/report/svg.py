@@ -50,6 +50,9 @@ class Series:
     onset: float | None = None
     onset_between: Sequence[float] | None = None
     tips: list[str] = field(default_factory=list)   # one tooltip per point
+    onset_colour: str | None = None                  # defaults to the line's colour
+    band_opacity: float = 0.16                       # lighter when several runs overlap
+    onset_tentative: bool = False                    # not yet confirmed by later checkpoints: "onset 7,500?"
 
 
 class _Frame:
@@ -74,11 +77,13 @@ class _Frame:
         for t in yticks:
             y = self.y(t)
             out.append(f'<line x1="{self.x0}" x2="{self.x1}" y1="{y:.1f}" y2="{y:.1f}" stroke="{GRID}"/>')
-            out.append(f'<text x="{self.x0 - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{MUTED}">{esc(yfmt(t))}</text>')
+            out.append(f'<text x="{self.x0 - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{MUTED}">'
+                       f'{esc(yfmt(t))}</text>')
         for t in xticks:
             x = self.x(t)
             out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{self.y0}" y2="{self.y0 + 4}" stroke="{MUTED}"/>')
-            out.append(f'<text x="{x:.1f}" y="{self.y0 + 17}" text-anchor="middle" fill="{MUTED}">{esc(xfmt(t))}</text>')
+            out.append(f'<text x="{x:.1f}" y="{self.y0 + 17}" text-anchor="middle" fill="{MUTED}">'
+                       f'{esc(xfmt(t))}</text>')
         out.append(f'<line x1="{self.x0}" x2="{self.x1}" y1="{self.y0}" y2="{self.y0}" stroke="{MUTED}"/>')
         out.append(f'<text x="{(self.x0 + self.x1) / 2:.1f}" y="{self.h - 4}" text-anchor="middle" '
                    f'fill="{MUTED}">{esc(xlabel)}</text>')
@@ -88,9 +93,12 @@ class _Frame:
         return out
 
 
-def _svg(width: int, height: int, title: str, desc: str, body: list[str]) -> str:
+def _svg(width: int, height: int, title: str, desc: str, body: list[str], max_width: int | None = None,
+         min_width: int | None = None) -> str:
+    limits = ([f"max-width:{max_width}px"] if max_width else []) + ([f"min-width:{min_width}px"] if min_width else [])
+    cap = f' style="{";".join(limits)}"' if limits else ""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" role="img" '
-            f'font-family="{FONT}" font-size="12" class="chart" preserveAspectRatio="xMidYMid meet">'
+            f'font-family="{FONT}" font-size="12" class="chart" preserveAspectRatio="xMinYMin meet"{cap}>'
             f'<title>{esc(title)}</title><desc>{esc(desc)}</desc>' + "".join(body) + "</svg>")
 
 
@@ -108,6 +116,12 @@ def line_chart(series: list[Series], *, title: str, desc: str = "", percent: boo
 
     With ``percent`` the y axis shows rates in % and starts at 0; otherwise it shows counts.
     """
+    for s in series:  # a NaN would be an SVG parse error: drop the point, or its band
+        keep = [i for i, p in enumerate(s.points) if _finite(p[0]) and _finite(p[1])]
+        s.tips = [s.tips[i] for i in keep if i < len(s.tips)]
+        s.points = [(s.points[i][0], s.points[i][1], *((s.points[i][2], s.points[i][3])
+                     if _finite(s.points[i][2]) and _finite(s.points[i][3]) else (None, None))) for i in keep]
+    series = [s for s in series if s.points]
     pts = [p for s in series for p in s.points]
     if not pts:
         return ""
@@ -115,9 +129,9 @@ def line_chart(series: list[Series], *, title: str, desc: str = "", percent: boo
     top = 12 + 13 * n_onsets
     xs = [p[0] for p in pts] + [s.onset for s in series if s.onset is not None]
     y_hi = max([p[3] if p[3] is not None else p[1] for p in pts] + [0.0])
-    y_hi = max(y_hi * 1.05, 0.05 if percent else 1.0)
+    y_hi = max(y_hi * 1.05, 0.05 if percent else 4.0)  # counts: whole-number ticks
     yticks = nice_ticks(0.0, y_hi, 5)
-    f = _Frame(width, height, 50, 18, top, 38, _x_domain(xs), (0.0, yticks[-1]))
+    f = _Frame(width, height, 50, 26, top, 38, _x_domain(xs), (0.0, yticks[-1]))
     xticks = [t for t in nice_ticks(*f.xd, 5) if f.xd[0] - 1e-9 <= t <= f.xd[1] + 1e-9]
     yfmt = (lambda t: f"{100 * t:.0f}%" if abs(100 * t - round(100 * t)) < 1e-6 else f"{100 * t:.1f}%") \
         if percent else (lambda t: f"{t:g}")
@@ -127,7 +141,8 @@ def line_chart(series: list[Series], *, title: str, desc: str = "", percent: boo
         if len(band) >= 2:
             up = " ".join(f"{f.x(x):.1f},{f.y(hi):.1f}" for x, _, hi in band)
             down = " ".join(f"{f.x(x):.1f},{f.y(lo):.1f}" for x, lo, _ in reversed(band))
-            body.append(f'<polygon points="{up} {down}" fill="{s.colour}" fill-opacity="0.16" stroke="none"/>')
+            body.append(f'<polygon points="{up} {down}" fill="{s.colour}" fill-opacity="{s.band_opacity}" '
+                        'stroke="none"/>')
         elif len(band) == 1:
             x, lo, hi = band[0]
             body.append(f'<line x1="{f.x(x):.1f}" x2="{f.x(x):.1f}" y1="{f.y(lo):.1f}" y2="{f.y(hi):.1f}" '
@@ -145,19 +160,23 @@ def line_chart(series: list[Series], *, title: str, desc: str = "", percent: boo
     return _svg(width, height, title, desc, body)
 
 
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _onset_marker(f: _Frame, s: Series, label_y: float) -> list[str]:
-    out = []
+    out, colour = [], s.onset_colour or s.colour
     if s.onset_between and len(s.onset_between) == 2:
         a, b = (f.x(v) for v in s.onset_between)
         out.append(f'<rect x="{min(a, b):.1f}" y="{f.y1}" width="{abs(b - a):.1f}" height="{f.y0 - f.y1}" '
-                   f'fill="{s.colour}" fill-opacity="0.07"/>')
+                   f'fill="{colour}" fill-opacity="0.1"/>')
     x = f.x(s.onset)
-    out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{label_y + 3:.1f}" y2="{f.y0}" stroke="{s.colour}" '
-               f'stroke-width="1.6" stroke-dasharray="5 3" class="onset"/>')
+    out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{label_y + 3:.1f}" y2="{f.y0}" stroke="{colour}" '
+               f'stroke-width="1.8" stroke-dasharray="5 3" class="onset"/>')
     anchor = "end" if x > f.x0 + 0.75 * (f.x1 - f.x0) else "start"
     dx = -4 if anchor == "end" else 4
-    out.append(f'<text x="{x + dx:.1f}" y="{label_y:.1f}" text-anchor="{anchor}" fill="{s.colour}" '
-               f'font-weight="600">onset {s.onset:,.0f}</text>')
+    out.append(f'<text x="{x + dx:.1f}" y="{label_y:.1f}" text-anchor="{anchor}" fill="{colour}" '
+               f'font-weight="600">onset {s.onset:,.0f}{"?" if s.onset_tentative else ""}</text>')
     return out
 
 
@@ -175,13 +194,14 @@ class Distribution:
 
 
 def histogram(dists: list[Distribution], *, title: str, xlabel: str, desc: str = "",
-              markers: Sequence[tuple[float, str]] = (), bins: int = 30, width: int = 480,
+              markers: Sequence[tuple[float, str]] = (), bins: int | None = None, width: int = 480,
               height: int = 230) -> str:
     """Overlaid histograms (share of each distribution per bin) with labelled vertical markers."""
     allv = [float(v) for d in dists for v in d.values if v is not None and math.isfinite(float(v))]
     if not allv:
         return ""
     lo, hi = _x_domain(allv + [m[0] for m in markers])
+    bins = bins or min(30, max(8, int(2 * math.sqrt(max(len(d.values) for d in dists)))))
     edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
     shares = []
     for d in dists:
@@ -192,9 +212,9 @@ def histogram(dists: list[Distribution], *, title: str, xlabel: str, desc: str =
         shares.append([c / max(len(vals), 1) for c in counts])
     yticks = nice_ticks(0.0, max(max(s) for s in shares) * 1.08 or 1.0, 4)
     top = 14 + 13 * len(markers)
-    f = _Frame(width, height, 50, 18, top, 38, (lo, hi), (0.0, yticks[-1]))
+    f = _Frame(width, height, 50, 26, top, 38, (lo, hi), (0.0, yticks[-1]))
     body = f.axes(nice_ticks(lo, hi, 6)[1:-1] if len(nice_ticks(lo, hi, 6)) > 3 else nice_ticks(lo, hi, 6),
-                  yticks, lambda t: f"{t:g}", lambda t: f"{100 * t:.0f}%", xlabel, "share")
+                  yticks, lambda t: f"{t:g}", lambda t: f"{100 * t:.0f}%", xlabel, "")
     for d, share in zip(dists, shares):
         path = [f"M{f.x(lo):.1f},{f.y(0):.1f}"]
         for i, s in enumerate(share):
@@ -245,7 +265,7 @@ def heatmap(rows: list[tuple[str, list[str | None], int | None]], columns: list[
         if locked is not None and 0 <= locked < len(cells):
             cx, cy = left + cw * (locked + 0.5) - 0.5, y + ch / 2 - 0.5
             body.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3.4" fill="#fff" stroke="{INK}" stroke-width="1.6"/>')
-    return _svg(width, height, title, desc, body)
+    return _svg(width, height, title, desc, body, max_width=int(width * 1.15), min_width=int(width * 0.7))
 
 
 def swatch(colour: str, dash: str = "", kind: str = "line") -> str:

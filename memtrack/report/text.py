@@ -39,8 +39,8 @@ def fmt_pct(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     pct = 100.0 * x
-    if pct == 0 or pct >= 10:
-        return f"{pct:.0f}%" if pct == round(pct) else f"{pct:.1f}%"
+    if abs(pct - round(pct)) < 1e-9:
+        return f"{pct:.0f}%"
     return f"{pct:.2f}%" if pct < 1 else f"{pct:.1f}%"
 
 
@@ -55,9 +55,9 @@ def fmt_ci(block: dict) -> str:
     return f"[{fmt_pct(block.get('ci_low'))}, {fmt_pct(block.get('ci_high'))}]"
 
 
-def comparison(score: float, threshold: float | None, direction: str) -> str:
+def comparison(score: float | None, threshold: float | None, direction: str) -> str:
     """``"0.12 < 0.333"``: the score next to its threshold, the sign saying which side flags."""
-    if threshold is None:
+    if score is None or threshold is None or not math.isfinite(score):
         return fmt_num(score)
     sign = "<" if direction == "below" else ">"
     if (score < threshold) != (direction == "below") and score != threshold:
@@ -111,6 +111,8 @@ def onset_clause(metric: str, onset: dict, first: bool, first_step: int | None) 
         clause += f" (between {fmt_step(between[0])} and {fmt_step(between[1])})"
     elif first_step is not None and onset["step"] == first_step:
         clause += " (already at the first checkpoint evaluated)"
+    if onset.get("confirmed") is False:
+        clause += ", not yet confirmed by later checkpoints"
     return clause
 
 
