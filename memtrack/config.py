@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,14 +104,31 @@ class DynamicsConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """How training reaches the tracker: the sidecar watcher, the in-process hook, Tracker.step."""
+
+    every_n_steps: int = _f(500, "Tracker.step evaluates the live model every this many steps (custom loops)")
+    poll_interval_s: float = _f(2.0, "sidecar: seconds between looks at the output dir")
+    quiet_period_s: float = _f(2.0, "sidecar: read a checkpoint once random_states_0.pkl exists and no file in it "
+                                    "changed for this long")
+    in_process: Literal["deferred", "rank0"] = _f("deferred", "in-process, several ranks: evaluate at the next point "
+                                                  "every rank reaches, sharing the samples (deferred), or on rank 0 "
+                                                  "alone inside save_state (rank0)")
+    log_images: bool = _f(True, "log the strongest matches as an image grid next to the rates")
+    grid_matches: int = _f(8, "matches (sample | training image pairs) in the image grid")
+    logging_dir: Optional[str] = _f(None, "sidecar: tensorboard folder (default: the one the training script writes)")
+
+
+@dataclass
 class Config:
-    """The whole memtrack config. Sections: data, index, sampling, detectors, dynamics."""
+    """The whole memtrack config. Sections: data, index, sampling, detectors, dynamics, tracking."""
 
     data: DataConfig = _f(factory=DataConfig, help="how the training set is read")
     index: IndexConfig = _f(factory=IndexConfig, help="the reference index")
     sampling: SamplingConfig = _f(factory=SamplingConfig, help="how checkpoints are sampled")
     detectors: DetectorsConfig = _f(factory=DetectorsConfig, help="detector thresholds")
     dynamics: DynamicsConfig = _f(factory=DynamicsConfig, help="onset and probes")
+    tracking: TrackingConfig = _f(factory=TrackingConfig, help="sidecar, in-process and Tracker.step settings")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,6 +149,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr`` for error messages, shortened; ints over 4,300 digits cannot even be repr'd."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<a {type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -146,37 +173,43 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{path}: must be one of {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{path}: must be one of {_type_name(tp)}, got {_show(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        raise ConfigError(f"{path}: expected true or false, got {_show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+            try:  # float(10**400) raises OverflowError; nan/inf would silently disable a threshold
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise ConfigError(f"{path}: expected a finite number, got {_show(value)}")
+        raise ConfigError(f"{path}: expected a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
+        raise ConfigError(f"{path}: expected a string, got {_show(value)}")
     if tp is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
-        raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
     if tp is list or origin is list:
         if isinstance(value, list):
             return list(value)
-        raise ConfigError(f"{path}: expected a list, got {value!r}")
+        raise ConfigError(f"{path}: expected a list, got {_show(value)}")
     raise ConfigError(f"{path}: unsupported field type {tp!r}")
 
 
@@ -186,13 +219,13 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__} {data!r}"[:300])
+        raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__} {_show(data)}"[:300])
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r}", hint=f"known fields here: {known}")
+        raise ConfigError(f"{where}: unknown field {_show(unknown[0])}", hint=f"known fields here: {known}")
     kwargs = {}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name
@@ -218,7 +251,7 @@ def _embedder_spec(value: Any, path: str) -> EmbedderSpec:
         opts = _coerce(dict, opts, f"{path}.options")
         opts.update(value)  # allow the flat form {name: clip, model: ViT-B-32}
         return EmbedderSpec(name, opts)
-    raise ConfigError(f"{path}: expected an embedder name or mapping, got {value!r}")
+    raise ConfigError(f"{path}: expected an embedder name or mapping, got {_show(value)}")
 
 
 _POSITIVE = {
@@ -227,6 +260,7 @@ _POSITIVE = {
     "DetectorsConfig": ("tiled_grid", "adaptive_n"),
     "DynamicsConfig": ("loss_gap_timesteps", "loss_gap_images"),
     "DataConfig": ("max_image_pixels", "max_metadata_line_bytes"),
+    "TrackingConfig": ("every_n_steps", "grid_matches", "poll_interval_s"),
 }
 
 
@@ -234,7 +268,7 @@ def _validate(obj: Any, where: str) -> None:
     for name in _POSITIVE.get(type(obj).__name__, ()):
         value = getattr(obj, name)
         if value <= 0:
-            raise ConfigError(f"{where}.{name} must be > 0, got {value}")
+            raise ConfigError(f"{where}.{name} must be > 0, got {_show(value)}")
     if isinstance(obj, DataConfig) and not 0.0 <= obj.holdout_fraction < 1.0:
         raise ConfigError(f"{where}.holdout_fraction must be in [0, 1), got {obj.holdout_fraction}")
     if isinstance(obj, DetectorsConfig):
@@ -242,11 +276,15 @@ def _validate(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.identity_far must be in (0, 1), got {obj.identity_far}")
         if obj.nn_ratio <= 0 or obj.tiled_l2 <= 0:
             raise ConfigError(f"{where}: nn_ratio and tiled_l2 thresholds must be > 0")
+        if obj.adaptive_alpha <= 0:  # the adaptive distance divides by alpha
+            raise ConfigError(f"{where}.adaptive_alpha must be > 0, got {obj.adaptive_alpha}")
     if isinstance(obj, DynamicsConfig):
         if not 0.0 <= obj.baseline_rate < 1.0:
             raise ConfigError(f"{where}.baseline_rate must be in [0, 1), got {obj.baseline_rate}")
         if obj.persistence < 0:
             raise ConfigError(f"{where}.persistence must be >= 0, got {obj.persistence}")
+    if isinstance(obj, TrackingConfig) and obj.quiet_period_s < 0:
+        raise ConfigError(f"{where}.quiet_period_s must be >= 0, got {obj.quiet_period_s}")
     if isinstance(obj, IndexConfig) and obj.index_type not in ("flat", "auto"):
         raise ConfigError(f"{where}.index_type must be 'flat' or 'auto', got {obj.index_type!r}")
 
@@ -287,8 +325,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
         try:
             loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: ints over 4,300 digits
+            raise ConfigError(f"{path} is not valid YAML: {(str(exc).splitlines() or [''])[0][:200]}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -94,6 +94,8 @@ def open_image(source: str | Path | bytes, max_pixels: int = 64_000_000) -> Imag
         DataError: the file cannot be read or decoded, or it exceeds ``max_pixels`` (a decompression bomb).
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes):
+        _require_regular_file(Path(source))
     try:
         fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
     except OSError as exc:
@@ -118,7 +120,16 @@ def open_image(source: str | Path | bytes, max_pixels: int = 64_000_000) -> Imag
         im = ImageOps.exif_transpose(im)
     except Exception:  # a broken EXIF block should not cost the image
         pass
-    return to_rgb(im)
+    try:
+        return to_rgb(im)
+    except Exception as exc:  # an exotic mode PIL cannot convert
+        raise DataError(f"cannot convert image {name} ({im.mode}) to RGB: {exc}") from None
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuse FIFOs, devices and folders: reading a FIFO named ``x.png`` would block forever."""
+    if path.exists() and not path.is_file():
+        raise DataError(f"cannot read {path}: not a regular file")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -140,6 +151,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------------------------------- metadata
 
 
+def _outside(root: Path, path: Path) -> bool:
+    """True when ``path`` resolves outside ``root``. A symlink loop points nowhere (Path.resolve raises):
+    it is not outside, and reading it fails, so it is skipped as unreadable."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return not _within(root.resolve(), resolved)
+
+
 def _within(root: Path, candidate: Path) -> bool:
     try:
         candidate.relative_to(root)
@@ -158,26 +179,37 @@ def _resolve_entry(root: Path, file_name: object, where: str, cfg: DataConfig) -
         raise DataError(f"{where}: file_name {file_name!r} escapes the dataset folder",
                         hint="file_name must be a path relative to the folder holding the metadata file")
     path = root / rel
-    if not cfg.follow_symlinks_outside and not _within(root.resolve(), path.resolve()):
+    if not cfg.follow_symlinks_outside and _outside(root, path):
         raise DataError(f"{where}: file_name {file_name!r} resolves outside the dataset folder "
                         f"(to {path.resolve()})", hint="set data.follow_symlinks_outside: true to allow it")
     return path
 
 
+def _bounded_lines(fh, limit: int, name: str) -> Iterator[tuple[int, bytes | str]]:
+    """Lines of ``fh``, refusing one longer than ``limit`` without reading all of it into memory."""
+    lineno = 0
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > limit:
+            raise DataError(f"{name} line {lineno} is over the limit of {limit:,} bytes",
+                            hint="raise data.max_metadata_line_bytes if this is intended")
+        yield lineno, raw
+
+
 def _iter_jsonl(path: Path, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in _bounded_lines(fh, cfg.max_metadata_line_bytes, path.name):
             where = f"{path.name} line {lineno}"
-            if len(raw) > cfg.max_metadata_line_bytes:
-                raise DataError(f"{where} is {len(raw):,} bytes, over the limit of {cfg.max_metadata_line_bytes:,}",
-                                hint="raise data.max_metadata_line_bytes if this is intended")
             line = raw.strip()
             if not line:
                 continue
             try:
                 row = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DataError(f"{where} is not valid JSON: {exc}") from None
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+                raise DataError(f"{where} is not valid JSON: {str(exc)[:200]}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield where, row
@@ -186,8 +218,8 @@ def _iter_jsonl(path: Path, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
 def _iter_csv(path: Path, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
     csv.field_size_limit(cfg.max_metadata_line_bytes)
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(raw for _, raw in _bounded_lines(fh, cfg.max_metadata_line_bytes, path.name))
             if reader.fieldnames is None or "file_name" not in reader.fieldnames:
                 raise DataError(f"{path.name} has no 'file_name' column (columns: {reader.fieldnames})",
                                 hint="the first row must be a header naming a file_name column")
@@ -216,6 +248,7 @@ def _optional_text(row: dict, column: str, where: str) -> Optional[str]:
 
 
 def _hash_and_check(path: Path, cfg: DataConfig) -> tuple[str, int, int]:
+    _require_regular_file(path)
     data = path.read_bytes()
     im = open_image(data, cfg.max_image_pixels)
     return hashlib.sha256(data).hexdigest(), im.size[0], im.size[1]
@@ -267,7 +300,7 @@ def read_dataset(root: str | Path, cfg: DataConfig | None = None, *, check_image
     else:
         resolved_root = root.resolve()
         for path in list_images(root):
-            if path.is_symlink() and not cfg.follow_symlinks_outside and not _within(resolved_root, path.resolve()):
+            if path.is_symlink() and not cfg.follow_symlinks_outside and _outside(resolved_root, path):
                 raise DataError(f"{path.relative_to(root).as_posix()} is a symlink that resolves outside the "
                                 f"dataset folder (to {path.resolve()})",
                                 hint="set data.follow_symlinks_outside: true to allow it")
@@ -285,6 +318,7 @@ def read_dataset(root: str | Path, cfg: DataConfig | None = None, *, check_image
             if check_images:
                 sha, w, h = _hash_and_check(path, cfg)
             else:
+                _require_regular_file(path)
                 sha, w, h = hashlib.sha256(path.read_bytes()).hexdigest(), 0, 0
         except DataError as exc:
             ds.skipped.append(Skipped(rel, exc.message))

@@ -111,9 +111,11 @@ class RunStore:
         if not db.exists() and not create:
             raise StoreError(f"no memtrack results in {run_dir} (missing {db})",
                              hint="run `memtrack scan RUN --index DIR` first")
+        conn = None
         try:
             if readonly:
                 conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
+                cls._check_schema(conn, db, readonly=True)  # sqlite opens lazily: read now, fail now
             else:
                 folder.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(db, timeout=30, isolation_level=None)
@@ -123,18 +125,24 @@ class RunStore:
                 cls._check_schema(conn, db)
             conn.execute("PRAGMA foreign_keys=ON")
             conn.row_factory = sqlite3.Row
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OSError, StoreError) as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, StoreError):
+                raise
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot create the run store in {folder}: {exc.strerror or exc}",
+                                 hint="check that the folder is writable and the disk has space") from None
             raise StoreError(f"cannot open the run store {db}: {exc}",
                              hint="the file may be corrupt or not a memtrack store; move it aside to start over"
                              ) from None
-        except OSError as exc:
-            raise StoreError(f"cannot create the run store in {folder}: {exc.strerror or exc}",
-                             hint="check that the folder is writable and the disk has space") from None
         return cls(folder, conn)
 
     @staticmethod
-    def _check_schema(conn: sqlite3.Connection, db: Path) -> None:
+    def _check_schema(conn: sqlite3.Connection, db: Path, readonly: bool = False) -> None:
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None and readonly:
+            raise StoreError(f"{db} is not a memtrack run store (it has no schema version)")
         if row is None:
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
@@ -159,16 +167,15 @@ class RunStore:
             raise StoreError(f"the run store {self.folder} is busy or read-only: {exc}") from None
         try:
             yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
-            try:
-                self.conn.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
+            self.conn.execute("COMMIT")
+        except BaseException as exc:
+            if self.conn.in_transaction:  # sqlite may already have rolled back (e.g. on SQLITE_FULL)
                 self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.DatabaseError):  # disk full, read-only, constraint: a clear error
                 raise StoreError(f"could not write to the run store {self.folder}: {exc}",
-                                 hint="check free disk space; results stored before are intact") from None
+                                 hint="check free disk space and permissions; results stored before are intact"
+                                 ) from None
+            raise
 
     # ----------------------------------------------------------------------------------- metadata
     def set_meta(self, key: str, value) -> None:
@@ -209,7 +216,7 @@ class RunStore:
                 "INSERT INTO samples (eval_id, sample, seed, prompt, sha256, thumb, scores, flags, matches) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(eval_id, s["sample"], s["seed"], s.get("prompt"), s.get("sha256"), s.get("thumb"),
-                  json.dumps(s["scores"], default=_default), json.dumps(s["flags"]),
+                  json.dumps(s["scores"], default=_default), json.dumps(s["flags"], default=_default),
                   json.dumps(s["matches"], default=_default)) for s in samples])
         return int(eval_id)
 
