@@ -45,7 +45,8 @@ def check_folder(images_dir: str | Path, index_dir: str | Path, config: str | Pa
                 entry["flags"][o.name] = bool(o.flagged[j])
                 entry["scores"][o.name] = float(o.score[j])
                 for key, arr in o.extra.items():
-                    entry["scores"][f"{o.name}.{key}"] = float(np.asarray(arr)[j])
+                    v = np.asarray(arr)[j]
+                    entry["scores"][f"{o.name}.{key}"] = v if v is None or isinstance(v, str) else float(v)
                 row = int(o.match[j])
                 if row >= 0:
                     entry["matches"].append({"detector": o.name, "train_id": ref.records[row].id,

@@ -90,6 +90,7 @@ class DetectorsConfig:
     adaptive_alpha: float = _f(0.5, "Carlini et al. 2023 adaptive distance alpha")
     adaptive_n: int = _f(50, "Carlini et al. 2023 adaptive distance: neighbours averaged")
     identity_far: float = _f(0.001, "target false-match rate for the calibrated identity threshold")
+    identity_threshold: Optional[float] = _f(None, "override the identity verification threshold (default: calibrated, else published)")
     identity_ratio: float = _f(0.6, "identity interpolation: d1/d2 above this means no single identity dominates")
     calibrate: bool = _f(True, "calibrate thresholds on the training set where the detector allows it")
 

@@ -40,11 +40,13 @@ class DetectorOutput:
     threshold: float
     direction: Literal["below", "above"]
     extra: dict = field(default_factory=dict)
+    threshold_source: str = "default"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "score": self.score.tolist(), "flagged": self.flagged.tolist(),
                 "match": self.match.tolist(), "threshold": self.threshold, "direction": self.direction,
-                "extra": {k: np.asarray(v).tolist() for k, v in self.extra.items()}}
+                "extra": {k: np.asarray(v).tolist() for k, v in self.extra.items()},
+                "threshold_source": self.threshold_source}
 
 
 def _as_candidates(query: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +212,7 @@ class SpaceEvidence:
     cand_ids: np.ndarray       # [n, k] training rows
     cand_vecs: np.ndarray      # [n, k, d]
     image_shape: tuple | None = None  # (C, H, W) for pixel spaces
+    extra: dict = field(default_factory=dict)  # space-specific inputs (identities, thresholds, ...)
 
 
 @dataclass

@@ -135,11 +135,12 @@ def _embed_dataset(embedder: Embedder, records: Sequence[Record], batch_size: in
     return vec, row, failed
 
 
-def _baseline(metric: str, vectors: np.ndarray, divisor: float, faiss_index, k: int) -> np.ndarray:
+def _baseline(metric: str, vectors: np.ndarray, divisor: float, faiss_index, k: int, rms: bool = True) -> np.ndarray:
     """Each vector's statistic to its nearest *other* training vector (exact re-check on candidates).
 
     cosine spaces: the top cosine similarity (Somepalli et al.'s train->train baseline);
-    l2 spaces: the RMS pixel distance d1 to the nearest other image.
+    l2 spaces: the distance to the nearest other vector -- RMS per pixel for the pixel space (``rms``),
+    plain Euclidean otherwise (face descriptors, whose thresholds are Euclidean).
     """
     m = len(vectors)
     if m < 2:
@@ -161,7 +162,8 @@ def _baseline(metric: str, vectors: np.ndarray, divisor: float, faiss_index, k: 
                 out[s + i] = float((cn @ qn).max())
             else:
                 qi = np.asarray(vectors[s + i], dtype=np.float64) / divisor
-                out[s + i] = float(exact_rms_distances(qi[None], cand[None])[0].min())
+                d = float(exact_rms_distances(qi[None], cand[None])[0].min())
+                out[s + i] = d if rms else d * np.sqrt(cand.shape[1])
     return out
 
 
@@ -197,11 +199,16 @@ class ReferenceIndex:
         try:
             records = list(dataset.records)
             skipped = [s.to_dict() for s in dataset.skipped]
-            spaces_meta, baseline_meta = {}, {}
+            spaces_meta, baseline_meta, identity_block = {}, {}, None
             for emb in embedders:
                 # 1. embed the training set
                 vec, rows, failed = _embed_dataset(emb, records, icfg.batch_size, config.data.max_image_pixels)
                 skipped.extend(f.to_dict() for f in failed)
+                if hasattr(emb, "embed_faces"):
+                    from .identity_index import select_faces
+
+                    keep = select_faces(records, rows, emb)
+                    vec, rows = vec[keep], rows[keep]
                 if emb.metric == "l2" and emb.name == "pixel":
                     stored, divisor, dtype = np.rint(vec * 255.0).clip(0, 255).astype(np.uint8), 255.0, "uint8"
                 else:
@@ -211,7 +218,15 @@ class ReferenceIndex:
                 if len(stored):
                     index.add(_prepare(emb.metric, stored, divisor))
                 # 3. the train->train baseline
-                base = _baseline(emb.metric, stored, divisor, index, 1)
+                base = _baseline(emb.metric, stored, divisor, index, 1, rms=emb.name == "pixel")
+                # 4. identities and the calibrated verification threshold (face spaces)
+                if hasattr(emb, "embed_faces"):
+                    from .identity_index import build_identity
+
+                    arrays, identity_meta = build_identity(records, stored, rows, emb, config)
+                    for key, arr in arrays.items():
+                        np.save(tmp / f"{emb.name}.{key}.npy", arr)
+                    identity_block = identity_meta
                 np.save(tmp / f"{emb.name}.vectors.npy", stored)
                 np.save(tmp / f"{emb.name}.rows.npy", rows)
                 np.save(tmp / f"{emb.name}.baseline.npy", base)
@@ -220,7 +235,8 @@ class ReferenceIndex:
                                          "metric": emb.metric, "dim": emb.dim,
                                          "n_vectors": int(len(stored)), "dtype": dtype, "divisor": divisor,
                                          "index_type": type(index).__name__, "recall_at_k": 1.0}
-                stat = "cosine to nearest other" if emb.metric == "cosine" else "RMS pixel distance to nearest other"
+                stat = ("cosine to nearest other" if emb.metric == "cosine" else "RMS pixel distance to nearest other"
+                        if emb.name == "pixel" else "distance to nearest other")
                 baseline_meta[emb.name] = {"statistic": stat, **summarise(base)}
             with open(tmp / "records.jsonl", "w", encoding="utf-8") as fh:
                 for rec in records:
@@ -236,6 +252,8 @@ class ReferenceIndex:
                 "config": {"data": config.to_dict()["data"], "index": config.to_dict()["index"]},
                 "spaces": spaces_meta, "baseline": baseline_meta,
             }
+            if identity_block is not None:
+                manifest["identity"] = identity_block
             atomic_write_json(tmp / MANIFEST, manifest)
             _replace_dir(tmp, out)
         except BaseException:
@@ -325,6 +343,17 @@ class ReferenceIndex:
         rows = self.spaces[space].rows
         ids = np.asarray(ids)
         return np.where(ids >= 0, rows[np.where(ids >= 0, ids, 0)], -1)
+
+    def space_array(self, space: str, key: str) -> np.ndarray:
+        """A per-space array saved beside the index (e.g. ``face.identity.npy``), loaded once."""
+        cache = self.__dict__.setdefault("_arrays", {})
+        if (space, key) not in cache:
+            try:
+                cache[(space, key)] = np.load(self.path / f"{space}.{key}.npy")
+            except OSError as exc:
+                raise IndexError_(f"index {self.path} has no {key!r} array for space {space!r}: {exc}",
+                                  hint="rebuild the index") from None
+        return cache[(space, key)]
 
     def baseline_values(self, space: str) -> np.ndarray:
         return np.load(self.path / f"{space}.baseline.npy")

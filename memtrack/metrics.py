@@ -60,11 +60,20 @@ def aggregate(outputs: Sequence[DetectorOutput], train_ids: Sequence[str] | None
         block.update({"mean": stats["mean"], "p50": stats["p50"], "p95": stats["p95"]})
         hit = out.match[out.flagged & (out.match >= 0)]
         block["distinct"] = int(len(set(hit.tolist())))
+        _identity_counts(out, block)
         metrics[out.name] = block
         if out.name in ("nn_ratio", "tiled_l2") or out.name.endswith("_copy"):
             reproduced.update(hit.tolist())
         for i in np.flatnonzero(out.flagged):
-            matches.append({
+            extra = {}
+            if "match_b" in out.extra:  # a blend of two identities: the second one's training image too
+                rb = int(out.extra["match_b"][i])
+                extra = {"train_row_b": rb, "train_id_b": train_ids[rb] if train_ids is not None and rb >= 0 else None,
+                         "identity_a": out.extra.get("identity_a_name", [None] * (i + 1))[i],
+                         "identity_b": out.extra.get("identity_b_name", [None] * (i + 1))[i]}
+            elif "identity_name" in out.extra:
+                extra = {"identity": out.extra["identity_name"][i]}
+            matches.append({**extra,
                 "seed": int(seeds[i]) if seeds is not None else int(i),
                 "sample": int(i),
                 "train_row": int(out.match[i]),
@@ -77,6 +86,24 @@ def aggregate(outputs: Sequence[DetectorOutput], train_ids: Sequence[str] | None
     metrics["distinct_train_images"] = {"count": len(reproduced)}
     matches.sort(key=lambda m: _strength(m))
     return {"metrics": metrics, "distinct_train_images": len(reproduced), "top_matches": matches[:top]}
+
+
+def _identity_counts(out: DetectorOutput, block: dict) -> None:
+    """Identity detectors: which identities (or pairs of identities) the flagged samples reproduce."""
+    flagged = np.flatnonzero(out.flagged)
+    if "identity_name" in out.extra:
+        counts: dict[str, int] = {}
+        for i in flagged:
+            if out.extra["identity_name"][i]:
+                counts[str(out.extra["identity_name"][i])] = counts.get(str(out.extra["identity_name"][i]), 0) + 1
+        block["identities"] = sorted(counts)
+        block["identity_counts"] = dict(sorted(counts.items()))
+        block["distinct"] = len(counts)
+    if "identity_a_name" in out.extra:
+        pairs = sorted({" + ".join(sorted((str(out.extra["identity_a_name"][i]), str(out.extra["identity_b_name"][i]))))
+                        for i in flagged})
+        block["pairs"] = pairs
+        block["distinct"] = len(pairs)
 
 
 def _strength(m: dict) -> float:
@@ -99,6 +126,9 @@ def per_sample_rows(outputs: Iterable[DetectorOutput]) -> list[dict]:
             rows[i]["flags"][out.name] = bool(out.flagged[i])
             rows[i]["matches"][out.name] = int(out.match[i])
         for key, arr in out.extra.items():
+            arr = np.asarray(arr)
             for i in range(n):
-                rows[i]["scores"][f"{out.name}.{key}"] = float(np.asarray(arr)[i])
+                v = arr[i]
+                rows[i]["scores"][f"{out.name}.{key}"] = (None if v is None else v if isinstance(v, str)
+                                                          else float(v))
     return rows

@@ -76,7 +76,7 @@ def identities_section(summary: dict, gallery: list[dict]) -> Raw:
         rows = sorted(leaked, key=lambda r: (r.get("first_step") is None, r.get("first_step") or 0,
                                              str(r.get("identity"))))
         parts.append(f"<h3>Leaked identities ({len(leaked)})</h3>")
-        parts.append(table(["identity", "first step", "samples"],
+        parts.append(table(["identity", "first step", "samples at the latest checkpoint"],
                            [[r.get("identity"), fmt_step(r.get("first_step")), r.get("count", "")] for r in rows],
                            numeric=(1, 2)))
     if blends:

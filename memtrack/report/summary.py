@@ -73,7 +73,40 @@ def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | 
     if index is not None:
         summary["dataset"] = dict(index.manifest.get("dataset", {}))
         summary["baseline"] = _baseline_block(index)
+    identities = identities_block(checkpoints, index)
+    if identities:
+        summary["identities"] = identities
     return summary
+
+
+def identities_block(checkpoints: list[dict], index: ReferenceIndex | None) -> dict:
+    """Leaked identities with the first step each leaked, blended pairs, and the threshold calibration."""
+    leaked: dict[str, dict] = {}
+    blended: dict[str, dict] = {}
+    for ck in sorted(checkpoints, key=lambda c: c["step"]):
+        leak = ck["metrics"].get("identity_leak", {})
+        for name in leak.get("identities", []):
+            leaked.setdefault(name, {"identity": name, "first_step": ck["step"], "checkpoints": 0})
+            leaked[name]["checkpoints"] += 1
+        for pair in ck["metrics"].get("identity_interpolation", {}).get("pairs", []):
+            blended.setdefault(pair, {"pair": pair, "first_step": ck["step"], "checkpoints": 0})
+            blended[pair]["checkpoints"] += 1
+        if "identities" in leak:
+            ck["metrics"]["distinct_identities"] = {"count": len(leak["identities"])}
+    if checkpoints:
+        latest = checkpoints[-1]["metrics"].get("identity_leak", {}).get("identity_counts", {})
+        for name, row in leaked.items():
+            row["count"] = latest.get(name, 0)
+    meta = index.manifest.get("identity") if index is not None else None
+    if not (leaked or blended or meta):
+        return {}
+    out = {"leaked": sorted(leaked.values(), key=lambda r: (r["first_step"], r["identity"])),
+           "blended": sorted(blended.values(), key=lambda r: (r["first_step"], r["pair"]))}
+    if meta:
+        cal = meta.get("calibration", {})
+        out["calibration"] = {**cal, "far": cal.get("far_target")}
+        out["groups"] = meta.get("groups", {})
+    return out
 
 
 def _baseline_block(index: ReferenceIndex) -> dict:
@@ -111,11 +144,16 @@ def build_gallery(store: RunStore, summary: dict, index: ReferenceIndex | None, 
             except OSError:
                 continue
             rec = _record(index, m.get("train_row"))
+            blend = None
+            if m.get("train_row_b") is not None:
+                rec_b = _record(index, m["train_row_b"])
+                blend = {"a_png": _train_png(rec), "b_png": _train_png(rec_b),
+                         "a": m.get("identity_a") or m.get("train_id"), "b": m.get("identity_b") or m.get("train_id_b")}
             items.append({"step": ck["step"], "seed": m["seed"], "detector": m["detector"], "score": m["score"],
                           "threshold": m.get("threshold"), "direction": m.get("direction"),
                           "sample_png": sample_png, "train_png": _train_png(rec), "train_id": m.get("train_id"),
-                          "caption": rec.caption if rec else None, "identity": rec.identity if rec else None,
-                          "blend": None})
+                          "caption": rec.caption if rec else None,
+                          "identity": m.get("identity") or (rec.identity if rec else None), "blend": blend})
     return items
 
 
