@@ -1,2 +1,25 @@
-"""memtrack: when does a diffusion model start to regurgitate its training images and leak identities?"""
+"""memtrack: when does a diffusion model start to regurgitate its training images and leak identities?
+
+The main entry points are imported lazily (``import memtrack`` stays cheap):
+
+    >>> import memtrack
+    >>> tracker = memtrack.Tracker.from_config("configs/unconditional.yaml", index="ref/", run_dir="runs/ddpm")
+"""
 __version__ = "0.1.0"
+
+_LAZY = {"Tracker": "memtrack.tracker", "ReferenceIndex": "memtrack.index", "RunStore": "memtrack.store",
+         "load_config": "memtrack.config", "Config": "memtrack.config", "discover": "memtrack.checkpoints",
+         "read_dataset": "memtrack.data", "get_embedder": "memtrack.embedders",
+         "register_embedder": "memtrack.embedders", "register_detector": "memtrack.detectors",
+         "write_report": "memtrack.report", "MemtrackError": "memtrack.errors"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'memtrack' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

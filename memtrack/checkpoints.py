@@ -25,7 +25,10 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-Kind = Literal["unet", "lora", "pipeline"]
+Kind = Literal["unet", "lora", "pipeline", "t2i_unet", "t2i_pipeline"]
+#: ``_class_name`` values (in ``unet/config.json``) of text-conditional UNets: their checkpoints get the
+#: ``t2i_`` kinds, whose pipeline builders live in :mod:`memtrack.sampling_t2i`.
+CONDITIONAL_UNETS = ("UNet2DConditionModel",)
 
 
 @dataclass
@@ -36,7 +39,8 @@ class Checkpoint:
         step: the global step (the ``N`` of ``checkpoint-N``; the final pipeline takes the last step).
         path: the checkpoint folder (or the run folder for the final pipeline).
         name: ``checkpoint-N`` or ``final``.
-        kind: ``unet`` (a ``unet/``/``unet_ema/`` folder), ``lora`` (LoRA weights) or ``pipeline``.
+        kind: ``unet`` (a ``unet/``/``unet_ema/`` folder), ``lora`` (LoRA weights) or ``pipeline``;
+            ``t2i_unet`` / ``t2i_pipeline`` when the UNet is text-conditional (``UNet2DConditionModel``).
         weights: the folder or file whose weights are evaluated (``unet_ema`` preferred when asked).
         weights_name: ``unet``, ``unet_ema``, ``lora`` or ``final``.
         text_encoder: a ``text_encoder/`` folder saved with the checkpoint, if any.
@@ -85,6 +89,16 @@ def _has_model(folder: Path) -> bool:
         p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir() if p.is_file())
 
 
+def _is_conditional(model_dir: Path) -> bool:
+    """True when ``model_dir/config.json`` names a text-conditional UNet class."""
+    import json
+
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("_class_name") in CONDITIONAL_UNETS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def inspect(folder: Path, step: int, name: str, prefer_ema: bool = True) -> Checkpoint | None:
     """Describe one checkpoint folder, or None when it holds no layout memtrack knows."""
     text_encoder = folder / "text_encoder" if _has_model(folder / "text_encoder") else None
@@ -94,6 +108,8 @@ def inspect(folder: Path, step: int, name: str, prefer_ema: bool = True) -> Chec
         if _has_model(folder / sub):
             files = _weight_files(folder / sub) + (_weight_files(text_encoder) if text_encoder else [])
             kind: Kind = "pipeline" if (folder / "model_index.json").is_file() else "unet"
+            if _is_conditional(folder / sub):
+                kind = "t2i_pipeline" if kind == "pipeline" else "t2i_unet"
             return Checkpoint(step, folder, name, kind, folder / sub, sub if name != "final" else "final",
                               text_encoder, complete, files)
     if (folder / LORA_FILE).is_file():

@@ -134,21 +134,33 @@ def _torch_dtype(name: str):
 
 
 def load_unet(folder: Path, dtype: str = "float32"):
-    """Load a ``UNet2DModel`` (unconditional) saved with ``save_pretrained`` -- safetensors preferred."""
+    """Load a diffusers model saved with ``save_pretrained`` -- safetensors preferred.
+
+    Weights are read only through safetensors or torch's weights-only unpickler: a ``.bin`` that holds
+    anything but tensors (a pickle that could run code when loaded) is refused before diffusers opens it.
+    """
     import diffusers
 
     config_path = folder / "config.json"
     try:
         import json
 
-        cls_name = json.loads(config_path.read_text()).get("_class_name", "UNet2DModel")
+        config = json.loads(config_path.read_text())
+        safetensors = _has_safetensors(folder)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {config_path}: {exc}") from None
+        raise CheckpointError(f"cannot read {config_path}: {exc}",
+                              hint="the checkpoint may be half-written, deleted or corrupt") from None
+    cls_name = config.get("_class_name", "UNet2DModel") if isinstance(config, dict) else None
+    if not isinstance(cls_name, str):
+        raise CheckpointError(f"{config_path} is not a diffusers model config (a JSON object whose "
+                              f"'_class_name' is a string)")
     cls = getattr(diffusers, cls_name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise CheckpointError(f"{config_path} names an unknown model class {cls_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise CheckpointError(f"{config_path} names an unknown model class {cls_name!r} (not a diffusers model)")
+    if not safetensors:
+        _refuse_pickled_code(folder)
     try:
-        return cls.from_pretrained(folder, torch_dtype=_torch_dtype(dtype), use_safetensors=_has_safetensors(folder))
+        return cls.from_pretrained(folder, torch_dtype=_torch_dtype(dtype), use_safetensors=safetensors)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the model in {folder}: {exc}",
                               hint="the checkpoint may be half-written or corrupt") from None
@@ -158,11 +170,38 @@ def _has_safetensors(folder: Path) -> bool:
     return any(p.suffix == ".safetensors" for p in folder.iterdir())
 
 
+def _refuse_pickled_code(folder: Path) -> None:
+    """Open each pickle-based weights file with torch's weights-only unpickler before diffusers reads it.
+
+    diffusers 0.42 passes ``weights_only=True`` itself; checking here keeps the guarantee whatever the
+    installed versions, and names the file that is refused.
+    """
+    import pickle
+    import re
+    import zipfile
+
+    import torch
+
+    for path in sorted(folder.glob("*.bin")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \d+)", str(exc))
+            detail = found.group(0) if found else ""
+            raise CheckpointError(f"refused {path}: it holds pickled objects other than tensors, which could run "
+                                  f"code when loaded" + (f" ({detail})" if detail else ""),
+                                  hint="re-save the model with save_pretrained(..., safe_serialization=True)"
+                                  ) from None
+        except (OSError, RuntimeError, EOFError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}",
+                                  hint="the checkpoint may be half-written or corrupt") from None
+
+
 def _build_unconditional(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     import diffusers
 
     unet = load_unet(ck.weights, cfg.dtype)
-    if unet.config.get("in_channels") is None or type(unet).__name__ != "UNet2DModel":
+    if type(unet).__name__ != "UNet2DModel":
         raise CheckpointError(f"{ck.weights} holds a {type(unet).__name__}, not an unconditional UNet2DModel",
                               hint="set sampling.pretrained_model to the base pipeline for text-to-image runs")
     scheduler = build_scheduler(cfg, run_dir)

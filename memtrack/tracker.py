@@ -25,10 +25,12 @@ from .checkpoints import Checkpoint
 from .config import Config, load_config
 from .detectors import DetectorOutput, SpaceEvidence, run_detectors
 from .embedders import Embedder, get_embedder
-from .errors import CheckpointError, MemtrackError
+from .errors import CheckpointError, ConfigError, MemtrackError
+from .identity_index import face_evidence  # also registers the identity detectors
 from .index import ReferenceIndex
 from .metrics import aggregate, per_sample_rows
 from .sampling import SamplePlan, Samples, load_pipeline, sample
+from .sampling_t2i import live_checkpoint, pipeline_for_models, prompts_for  # also registers the t2i builders
 from .store import RunStore
 from .utils import atomic_write_bytes, get_logger, stable_hash
 
@@ -93,9 +95,13 @@ class Tracker:
 
         The embedders are those the index was built with (their options come from the index manifest, so
         a scan cannot silently use another embedder); a config that lists embedders must match them.
+        Text-to-image plans (``sampling.pretrained_model`` set) take their prompts from
+        ``sampling.prompts`` unless ``prompts`` is given (:func:`~memtrack.sampling_t2i.resolve_prompts`).
         """
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
         ref = index if isinstance(index, ReferenceIndex) else ReferenceIndex.open(index)
+        if prompts is None:
+            prompts = prompts_for(cfg.sampling, ref)
         embedders = embedders_for(ref, cfg)
         rs = None
         if store and run_dir is not None and _is_main(accelerator):
@@ -117,11 +123,12 @@ class Tracker:
     def evaluate(self, ck: Checkpoint, *, force: bool = False, pipeline=None) -> EvalResult:
         """Evaluate one checkpoint (skipped when already stored with the same evaluation key)."""
         key = self.eval_key(ck)
-        if self.store is not None and not force:
-            done = self.store.find(ck.name, key)
+        if not force:
+            done = self._agree(self.store.find(ck.name, key) if self.store is not None else None)
             if done is not None:
                 logger.info("%s already evaluated (key %s); skipping", ck.name, key)
-                return EvalResult(ck.step, ck.name, self.store.metrics(done.id), n_samples=done.n_samples,
+                metrics = self.store.metrics(done.id) if self.store is not None else {}
+                return EvalResult(ck.step, ck.name, metrics, n_samples=done.n_samples,
                                   cached=True, skipped=done.status == "skipped", reason=done.reason)
         t0 = time.perf_counter()
         # 1. sample (each process its share of the seed plan; gathered in global-index order)
@@ -155,6 +162,9 @@ class Tracker:
         evidence: dict[str, SpaceEvidence] = {}
         for emb in self.embedders:
             space = self.index.spaces[emb.name]
+            if hasattr(emb, "embed_faces"):  # several faces per image, compared by identity
+                evidence[emb.name] = face_evidence(self.index, emb, images, self.config)
+                continue
             query = np.asarray(emb.embed(list(images)), dtype=np.float32)
             k = self._k(emb.name)
             _, ids = self.index.search(emb.name, query, k)
@@ -162,6 +172,48 @@ class Tracker:
             evidence[emb.name] = SpaceEvidence(space.metric, query, self.index.record_rows(emb.name, ids),
                                                self.index.candidates(emb.name, ids), shape)
         return run_detectors(evidence, self.config.detectors)
+
+    def step(self, global_step: int, *, unet=None, text_encoder=None, pipeline=None,
+             force: bool = False) -> EvalResult | None:
+        """Evaluate the live model of a custom training loop every ``tracking.every_n_steps`` steps.
+
+        Call it on every process (with several, each samples its share of the plan; the main process
+        stores and logs). Returns None between evaluations. The model is sampled where it is, in eval
+        mode, and put back in the mode it was in.
+
+        Example:
+            >>> tracker = Tracker.from_config("configs/unconditional.yaml", index="ref/", run_dir=out,
+            ...                               accelerator=accelerator)
+            >>> tracker.step(global_step, unet=accelerator.unwrap_model(unet))
+        """
+        if not force and (global_step % self.config.tracking.every_n_steps or global_step == self._last_step):
+            return None
+        if unet is None and pipeline is None:
+            raise ConfigError("Tracker.step needs the model: pass unet= (or pipeline=)")
+        self._last_step = global_step
+        model = unet if unet is not None else pipeline.unet
+        was_training = model.training
+        model.eval()
+        try:
+            pipe = pipeline or pipeline_for_models(self.config.sampling, self.run_dir, unet, text_encoder)
+            return self.evaluate(live_checkpoint(global_step, self.run_dir, model), pipeline=pipe, force=force)
+        finally:
+            model.train(was_training)
+
+    def skip(self, ck: Checkpoint, reason: str) -> EvalResult:
+        """Record ``ck`` as skipped (vanished, half-written, unknown layout) so it is never retried."""
+        return self._skip(ck, self.eval_key(ck), reason)
+
+    def _agree(self, value):
+        """The main process's ``value`` on every process (decisions that select collective work)."""
+        acc = self.accelerator
+        if acc is None or getattr(acc, "num_processes", 1) <= 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
 
     def _k(self, space: str) -> int:
         k = self.config.index.k
@@ -175,9 +227,19 @@ class Tracker:
             return sample(ck, self.plan, self.config.sampling, self.run_dir, pipeline=pipeline)
         from accelerate.utils import gather_object
 
+        # Every process reaches the one gather, even when its share failed to load: a process that
+        # raised instead would leave the others waiting in the collective.
         mine = self.plan.shard(acc.process_index, acc.num_processes)
-        local = sample(ck, self.plan, self.config.sampling, self.run_dir, items=mine, pipeline=pipeline)
-        arrays = gather_object([np.asarray(im, dtype=np.uint8) for im in local.images])
+        try:
+            local = sample(ck, self.plan, self.config.sampling, self.run_dir, items=mine, pipeline=pipeline)
+            share = ("ok", [np.asarray(im, dtype=np.uint8) for im in local.images])
+        except CheckpointError as exc:
+            share = ("error", exc.message)
+        shares = gather_object([share])
+        errors = [msg for status, msg in shares if status == "error"]
+        if errors:
+            raise CheckpointError(errors[0])
+        arrays = [a for _, part in shares for a in part]
         return Samples([Image.fromarray(a) for a in arrays], self.plan.items())
 
     def _skip(self, ck: Checkpoint, key: str, reason: str) -> EvalResult:
@@ -231,7 +293,11 @@ def thresholds_block(outputs: Sequence[DetectorOutput], config: Config) -> dict:
     """The ``thresholds`` block of summary.json: value, source and citation of every detector's threshold."""
     cites = {"nn_ratio": "Gu et al. 2023, On Memorization in Diffusion Models",
              "tiled_l2": "Carlini et al. 2023, Extracting Training Data from Diffusion Models",
-             "adaptive_l2": "Carlini et al. 2023 (CIFAR-10 section)"}
+             "adaptive_l2": "Carlini et al. 2023 (CIFAR-10 section)",
+             "identity_leak": "verification threshold of the face model (dlib: 0.6) or calibrated at the target "
+                              "false-match rate; Tinsley et al. 2021, Otroshi Shahreza & Marcel 2024",
+             "identity_interpolation": "both identities verified (MMPMR, Scherhag et al. 2017) and d1/d2 > r "
+                                       "(Gu et al. 2023's ratio over identities)"}
     out = {}
     for o in outputs:
         cite = cites.get(o.name, "Somepalli et al. 2023, Diffusion Art or Digital Forgery?"

@@ -1,0 +1,176 @@
+"""Put each checkpoint's memorization rates next to the training loss.
+
+In-process (and :meth:`Tracker.step`), rates go to the training run's own accelerate trackers
+(``accelerator.log``: tensorboard by default, wandb when the script uses it) under ``memtrack/`` at the
+checkpoint's step. The sidecar runs in another process, so it cannot reach those trackers: it writes its
+own event file (``*.memtrack``) into the script's tensorboard folder, which TensorBoard merges into the
+same run. Both also log the strongest matches as one image: a grid of (generated sample | nearest
+training image) pairs, strongest first.
+
+Example:
+    >>> sink = TensorBoardSink.for_run("runs/ddpm")
+    >>> sink.log(result, match_grid(tracker, ck, result))
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from ..data import open_image
+from ..errors import DataError
+from ..utils import get_logger
+
+logger = get_logger(__name__)
+
+PREFIX = "memtrack/"
+TILE = 64
+GRID_TAG = PREFIX + "strongest_matches"
+
+
+def result_scalars(result) -> dict:
+    """``{"memtrack/<metric>": rate, ..., "memtrack/distinct_train_images": n}`` of one evaluation."""
+    values = {f"{PREFIX}{name}": float(m["rate"]) for name, m in result.metrics.items() if "rate" in m}
+    values[f"{PREFIX}distinct_train_images"] = int(result.distinct_train_images)
+    return values
+
+
+def match_grid(tracker, ck, result, max_pairs: Optional[int] = None) -> Optional[np.ndarray]:
+    """An HWC uint8 image: one row per strong match, the sample's thumbnail beside its training image.
+
+    Built from what the evaluation stored (sample thumbnails) and the index (training images); None when
+    nothing was flagged or the tracker has no store (non-main processes).
+    """
+    if tracker.store is None or not result.top_matches:
+        return None
+    max_pairs = max_pairs or tracker.config.tracking.grid_matches
+    thumbs = tracker.store.thumb_dir(tracker.eval_key(ck), ck.name)
+    rows, seen = [], set()
+    for m in result.top_matches:
+        key = (m.get("sample"), m.get("train_row"))
+        if key in seen or len(rows) >= max_pairs:
+            continue
+        seen.add(key)
+        sample = _tile(thumbs / f"{int(m.get('sample', -1)):05d}.png")
+        train = _train_tile(tracker.index, m.get("train_row"))
+        if sample is not None:
+            rows.append(np.concatenate([sample, train if train is not None else np.zeros_like(sample)], axis=1))
+    return np.concatenate(rows, axis=0) if rows else None
+
+
+def _tile(source) -> Optional[np.ndarray]:
+    try:
+        im = open_image(source) if not isinstance(source, Image.Image) else source
+    except (DataError, OSError):
+        return None
+    return np.asarray(im.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST), dtype=np.uint8)
+
+
+def _train_tile(index, row) -> Optional[np.ndarray]:
+    if index is None or row is None or not 0 <= int(row) < len(index.records):
+        return None
+    return _tile(index.records[int(row)].path)
+
+
+# ------------------------------------------------------------------------------- accelerate trackers
+
+
+def log_to_accelerator(accelerator: Any, result, grid: Optional[np.ndarray], *, scalars: bool = True) -> None:
+    """Log ``result`` (and the match grid) to ``accelerator.trackers`` at the checkpoint's step.
+
+    Only the main process logs (accelerate's trackers live there). ``scalars=False`` when the
+    :class:`~memtrack.tracker.Tracker` already logged them itself (it does when it holds the accelerator).
+    """
+    if accelerator is None or not getattr(accelerator, "is_main_process", True):
+        return
+    trackers = list(getattr(accelerator, "trackers", None) or [])
+    if not trackers:
+        return
+    if scalars:
+        accelerator.log(result_scalars(result), step=result.step)
+    if grid is None:
+        return
+    for t in trackers:
+        try:
+            if t.name == "tensorboard":
+                t.log_images({GRID_TAG: grid[None]}, step=result.step, dataformats="NHWC")
+            else:
+                t.log_images({GRID_TAG: [grid]}, step=result.step)
+        except (NotImplementedError, AttributeError, TypeError, ValueError) as exc:
+            logger.info("tracker %s takes no images (%s); the match grid is not logged there", t.name, exc)
+
+
+# ----------------------------------------------------------------------------------- sidecar sink
+
+
+class TensorBoardSink:
+    """A ``SummaryWriter`` of memtrack's own, writing into the training script's tensorboard folder.
+
+    Args:
+        log_dir: the folder; created on first use.
+        search: instead of ``log_dir``: the folder to find the script's event files under.
+        fallback: the folder to write to when ``search`` holds none (see :meth:`for_run`).
+    """
+
+    def __init__(self, log_dir: str | Path | None = None, *, search: str | Path | None = None,
+                 fallback: str | Path | None = None):
+        self._log_dir = Path(log_dir) if log_dir is not None else None
+        self._search = Path(search) if search is not None else None
+        self._fallback = Path(fallback) if fallback is not None else None
+        self._writer = None
+        self._failed = False
+
+    @classmethod
+    def for_run(cls, run_dir: str | Path, logging_dir: str | Path | None = None) -> "TensorBoardSink":
+        """The sink of a training run. At the first result (the script creates its writer after memtrack
+        starts) it looks under ``run_dir/logging_dir`` (``logging_dir``: the script's ``--logging_dir``;
+        default: all of ``run_dir``) for the folder of the script's newest event file, and writes there;
+        with none, into ``run_dir/logging_dir/memtrack`` (``run_dir/logs/memtrack`` by default)."""
+        run_dir = Path(run_dir)
+        root = run_dir / logging_dir if logging_dir is not None else run_dir
+        fallback = root / "memtrack" if logging_dir is not None else run_dir / "logs" / "memtrack"
+        return cls(search=root, fallback=fallback)
+
+    @property
+    def log_dir(self) -> Path:
+        if self._log_dir is None:
+            found = find_event_dir(self._search) if self._search is not None and self._search.is_dir() else None
+            self._log_dir = found or self._fallback
+        return self._log_dir
+
+    def log(self, result, grid: Optional[np.ndarray] = None) -> None:
+        writer = self._open()
+        if writer is None:
+            return
+        for tag, value in result_scalars(result).items():
+            writer.add_scalar(tag, value, global_step=result.step)
+        if grid is not None:
+            writer.add_image(GRID_TAG, grid, global_step=result.step, dataformats="HWC")
+        writer.flush()
+
+    def _open(self):
+        if self._writer is None and not self._failed:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._failed = True
+                logger.warning("tensorboard is not installed; memtrack results are stored but not logged "
+                               "to tensorboard (pip install tensorboard)")
+                return None
+            self._writer = SummaryWriter(str(self.log_dir), filename_suffix=".memtrack")
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def find_event_dir(run_dir: Path) -> Optional[Path]:
+    """The folder of the newest tensorboard event file under ``run_dir`` that memtrack did not write."""
+    found = [p for p in Path(run_dir).rglob("events.out.tfevents.*")
+             if not p.name.endswith(".memtrack") and "memtrack" not in p.relative_to(run_dir).parts[:1]]
+    if not found:
+        return None
+    return max(found, key=lambda p: p.stat().st_mtime).parent
