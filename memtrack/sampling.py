@@ -92,26 +92,52 @@ class Samples:
 
 
 def build_scheduler(cfg: SamplingConfig, run_dir: Path | None = None):
-    """The sampling scheduler: the run's saved ``scheduler/`` config if any, else the config's fields."""
+    """The sampling scheduler: the run's saved ``scheduler/`` config if any, else the config's fields.
+
+    Raises:
+        ConfigError: the saved config cannot be read or built (a run-level problem: the scan stops with
+            this message rather than recording every checkpoint as skipped).
+    """
     import diffusers
 
-    saved = None
-    if run_dir is not None and (Path(run_dir) / "scheduler" / "scheduler_config.json").is_file():
-        import json
-
-        saved = json.loads((Path(run_dir) / "scheduler" / "scheduler_config.json").read_text())
+    saved, source = _saved_scheduler(run_dir), "the run's scheduler/scheduler_config.json"
     if saved is None:
-        saved = {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
-                 "prediction_type": cfg.prediction_type}
-    if cfg.scheduler == "ddim":
-        return diffusers.DDIMScheduler.from_config(saved)
-    if cfg.scheduler == "ddpm":
-        return diffusers.DDPMScheduler.from_config(saved)
-    name = saved.get("_class_name")
-    if not name or not hasattr(diffusers, name):
-        raise ConfigError("sampling.scheduler is 'run' but the run saved no scheduler/ folder with a known class",
-                          hint="use sampling.scheduler: ddim")
-    return getattr(diffusers, name).from_config(saved)
+        saved, source = {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
+                         "prediction_type": cfg.prediction_type}, "the sampling config"
+    if cfg.scheduler in ("ddim", "ddpm"):
+        cls = diffusers.DDIMScheduler if cfg.scheduler == "ddim" else diffusers.DDPMScheduler
+    else:
+        name = saved.get("_class_name")
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+            raise ConfigError("sampling.scheduler is 'run' but the run saved no scheduler/ folder with a known class",
+                              hint="use sampling.scheduler: ddim")
+    try:
+        return cls.from_config(saved)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError, OverflowError, AttributeError) as exc:
+        raise ConfigError(f"cannot build a {cls.__name__} from {source}: {exc}",
+                          hint="fix or remove the run's scheduler/ folder, or set the sampling.* scheduler fields"
+                          ) from None
+
+
+def _saved_scheduler(run_dir: Path | None) -> dict | None:
+    """The run's saved ``scheduler/scheduler_config.json`` as a dict, or None when there is none."""
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the run's scheduler config {path}: {exc}",
+                          hint="fix or remove the run's scheduler/ folder") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a scheduler config (expected a JSON object, got {type(saved).__name__})",
+                          hint="fix or remove the run's scheduler/ folder")
+    return saved
 
 
 # ------------------------------------------------------------------------------------------ builders

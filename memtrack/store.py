@@ -164,7 +164,9 @@ class RunStore:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise StoreError(f"the run store {self.folder} is busy or read-only: {exc}") from None
+            raise StoreError(f"the run store {self.folder} is busy or read-only: {exc}",
+                             hint="check the store's permissions and free disk space, and that no other memtrack "
+                                  "process has held it for 30 s; results stored before are intact") from None
         try:
             yield self.conn
             self.conn.execute("COMMIT")
