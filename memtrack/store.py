@@ -199,8 +199,13 @@ class RunStore:
 
     def record(self, *, step: int, checkpoint: str, weights: str | None, eval_key: str, metrics: dict,
                samples: list[dict], info: dict, duration_s: float | None = None) -> int:
-        """Store one finished evaluation (its row, metrics and samples) in a single transaction."""
+        """Store one finished evaluation (its row, metrics and samples) in a single transaction.
+
+        An evaluation already stored under the same checkpoint and key (``scan --force``, or a second
+        writer that evaluated the same state) is replaced in the same transaction: never counted twice.
+        """
         with self.transaction() as c:
+            c.execute("DELETE FROM evaluations WHERE checkpoint=? AND eval_key=?", (checkpoint, eval_key))
             cur = c.execute(
                 "INSERT INTO evaluations (step, checkpoint, weights, eval_key, status, n_samples, created, "
                 "duration_s, info) VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?)",

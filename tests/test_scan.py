@@ -138,3 +138,12 @@ def test_tracker_api_without_store(tiny_run, pixel_index):
     tracker = Tracker.from_config(cfg, index=pixel_index, run_dir=None)
     res = tracker.evaluate(discover(tiny_run)[0])
     assert res.n_samples == 4 and not res.cached and res.metrics["nn_ratio"]["n"] == 4
+
+
+def test_force_reevaluates_in_place(tiny_run, pixel_index):
+    assert _scan(tiny_run, pixel_index) == 0
+    assert _scan(tiny_run, pixel_index, "--force") == 0
+    store = RunStore.open(tiny_run, create=False)
+    assert len(store.evaluations(latest_per_checkpoint=False)) == 3  # replaced, not added
+    assert store.integrity_ok()
+    store.close()

@@ -96,12 +96,14 @@ def test_resume_skips_done_checkpoints_and_reevaluates_changed_keys(run):
         assert store.find("checkpoint-100", "k2") is None
 
 
-def test_recording_the_same_evaluation_twice_is_a_store_error(run):
+def test_recording_the_same_evaluation_twice_replaces_it(run):
+    """scan --force (or a second writer) re-records a checkpoint under the same key: one row, the newest."""
     with RunStore.open(run) as store:
         _record(store)
-        with pytest.raises(StoreError, match="could not write to the run store"):
-            _record(store, metrics=_metrics(0.9))
-        assert [e.metrics["nn_ratio"]["rate"] for e in store.evaluations()] == [0.25]
+        _record(store, metrics=_metrics(0.9))
+        assert [e.metrics["nn_ratio"]["rate"] for e in store.evaluations(latest_per_checkpoint=False)] == [0.9]
+        assert _counts(run) == (1, len(_metrics()), 3)
+        assert store.integrity_ok()
 
 
 def test_one_transaction_per_checkpoint_an_error_mid_record_stores_nothing(run):
