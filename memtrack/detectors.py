@@ -240,12 +240,18 @@ def register_detector(name: str, space: str | None, fn: Callable, description: s
     _DETECTORS[name] = DetectorSpec(name, space, fn, description)
 
 
+def _load_builtins() -> None:
+    from . import identity_index  # noqa: F401  (registers identity_leak, identity_interpolation)
+
+
 def list_detectors() -> list[str]:
+    _load_builtins()
     return sorted(_DETECTORS)
 
 
 def run_detectors(evidence: dict[str, SpaceEvidence], cfg) -> list[DetectorOutput]:
     """Run every registered detector whose space is present; returns one output per metric."""
+    _load_builtins()
     outputs = []
     for spec in _DETECTORS.values():
         if spec.space is not None:
