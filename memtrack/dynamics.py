@@ -159,8 +159,8 @@ def trajectories(steps: Sequence[int], seeds: Sequence[int], matches: Sequence[S
 
     Example:
         >>> t = trajectories([100, 200, 300], [0, 1], [["a", None], ["a", "b"], ["a", "a"]])
-        >>> t["locked_step"], t["switched"]
-        ([100, None], [False, True])
+        >>> t["locked_step"], t["locked_to"], t["switched"]
+        ([100, 300], ['a', 'a'], [False, True])
     """
     order, steps, seeds = _check_table(steps, seeds, matches)
     per_seed = [[matches[i][j] for i in order] for j in range(len(seeds))]
