@@ -32,6 +32,7 @@ from .metrics import aggregate, per_sample_rows
 from .sampling import SamplePlan, Samples, load_pipeline, sample
 from .sampling_t2i import live_checkpoint, pipeline_for_models, prompts_for  # also registers the t2i builders
 from .store import RunStore
+from .tracker_probes import make_loss_gap_probe, run_probes
 from .utils import atomic_write_bytes, get_logger, stable_hash
 
 logger = get_logger(__name__)
@@ -53,6 +54,7 @@ class EvalResult:
     skipped: bool = False
     cached: bool = False
     reason: str | None = None
+    probes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -83,6 +85,7 @@ class Tracker:
         for emb in self.embedders:
             index.check_embedder(emb)
         self.plan = SamplePlan.from_config(self.config.sampling, prompts)
+        self._loss_gap_probe = make_loss_gap_probe(self.config, index) if _is_main(accelerator) else None
         self._last_step: int | None = None
 
     # ------------------------------------------------------------------------------------ building
@@ -118,6 +121,8 @@ class Tracker:
         return stable_hash({"weights": ck.fingerprint(), "weights_name": ck.weights_name,
                             "sampling": {k: v for k, v in cfg["sampling"].items() if k not in ("device", "batch_size")},
                             "detectors": cfg["detectors"], "index": self.index.fingerprint,
+                            "probes": {k: v for k, v in cfg["dynamics"].items()
+                                       if k.startswith(("loss_gap", "noise_magnitude", "heldout"))},
                             "index_k": cfg["index"]["k"], "plan": self.plan.key()})
 
     def evaluate(self, ck: Checkpoint, *, force: bool = False, pipeline=None) -> EvalResult:
@@ -133,7 +138,7 @@ class Tracker:
         t0 = time.perf_counter()
         # 1. sample (each process its share of the seed plan; gathered in global-index order)
         try:
-            samples = self._sample(ck, pipeline)
+            samples, pipe = self._sample(ck, pipeline)
         except CheckpointError as exc:
             return self._skip(ck, key, exc.message)
         if not _is_main(self.accelerator):
@@ -143,14 +148,17 @@ class Tracker:
         outputs = self.assess(samples.images)
         # 5. aggregate
         agg = aggregate(outputs, self.index.train_ids, seeds=samples.seeds)
+        # 5b. the sampling-free probes (loss gap, noise magnitude) on the same weights
+        probes = run_probes(pipe, self.config, self._loss_gap_probe,
+                            [it.prompt for it in samples.items if it.prompt is not None])
         result = EvalResult(ck.step, ck.name, agg["metrics"], agg["top_matches"], agg["distinct_train_images"],
-                            len(samples.images), time.perf_counter() - t0)
+                            len(samples.images), time.perf_counter() - t0, probes=probes)
         # 6. store (thumbnails first, then one transaction)
         if self.store is not None:
             rows = self._sample_rows(samples, outputs, ck, key)
             info = {"checkpoint": ck.to_dict(), "top_matches": agg["top_matches"],
                     "distinct_train_images": agg["distinct_train_images"],
-                    "thresholds": thresholds_block(outputs, self.config)}
+                    "thresholds": thresholds_block(outputs, self.config), **probes}
             self.store.record(step=ck.step, checkpoint=ck.name, weights=ck.weights_name, eval_key=key,
                               metrics=agg["metrics"], samples=rows, info=info, duration_s=result.duration_s)
         # 7. log next to the training loss
@@ -221,17 +229,22 @@ class Tracker:
             k = max(k, self.config.detectors.adaptive_n, 2)
         return min(k, self.index.spaces[space].index.ntotal)
 
-    def _sample(self, ck: Checkpoint, pipeline) -> Samples:
+    def _sample(self, ck: Checkpoint, pipeline) -> tuple[Samples, object]:
+        """The plan's samples (gathered from every process) and this process's pipeline."""
         acc = self.accelerator
         if acc is None or getattr(acc, "num_processes", 1) <= 1:
-            return sample(ck, self.plan, self.config.sampling, self.run_dir, pipeline=pipeline)
+            pipe = pipeline if pipeline is not None else load_pipeline(ck, self.config.sampling, self.run_dir)
+            return sample(ck, self.plan, self.config.sampling, self.run_dir, pipeline=pipe), pipe
         from accelerate.utils import gather_object
 
         # Every process reaches the one gather, even when its share failed to load: a process that
         # raised instead would leave the others waiting in the collective.
         mine = self.plan.shard(acc.process_index, acc.num_processes)
+        pipe = pipeline
         try:
-            local = sample(ck, self.plan, self.config.sampling, self.run_dir, items=mine, pipeline=pipeline)
+            if pipe is None:
+                pipe = load_pipeline(ck, self.config.sampling, self.run_dir)
+            local = sample(ck, self.plan, self.config.sampling, self.run_dir, items=mine, pipeline=pipe)
             share = ("ok", [np.asarray(im, dtype=np.uint8) for im in local.images])
         except CheckpointError as exc:
             share = ("error", exc.message)
@@ -240,7 +253,7 @@ class Tracker:
         if errors:
             raise CheckpointError(errors[0])
         arrays = [a for _, part in shares for a in part]
-        return Samples([Image.fromarray(a) for a in arrays], self.plan.items())
+        return Samples([Image.fromarray(a) for a in arrays], self.plan.items()), pipe
 
     def _skip(self, ck: Checkpoint, key: str, reason: str) -> EvalResult:
         logger.warning("skipping %s: %s", ck.name, reason)

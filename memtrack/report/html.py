@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .html_charts import curves_section, distributions_section, run_names, trajectories_section
 from .html_gallery import identities_section, matches_section
+from .html_probes import probes_section
 from .markup import Raw, badge, esc, facts, section, table
 from .style import CSS
 from .text import (changes_sentence, checkpoints, fmt_ci, fmt_num, fmt_pct, fmt_step, label, onset_sentences,
@@ -36,6 +37,7 @@ def render_html(summary: dict, gallery: list[dict], *, runs: list[dict] | None =
         ("matches", matches_section(summary, gallery or [])),
         ("identities", identities_section(summary, gallery or [])),
         ("trajectories", trajectories_section(summary)),
+        ("probes", probes_section(summary)),
         ("distributions", distributions_section(summary)),
         ("setup", _setup(summary)),
     ]
@@ -77,7 +79,7 @@ def _header(summary: dict, runs: list[dict], present: list[str]) -> Raw:
 
 
 _NAV = {"verdict": "Summary", "latest": "Latest", "runs": "Runs", "curves": "Curves", "matches": "Matches",
-        "identities": "Identities", "trajectories": "Trajectories", "distributions": "Distributions",
+        "identities": "Identities", "trajectories": "Trajectories", "probes": "Probes", "distributions": "Distributions",
         "setup": "Set-up"}
 
 

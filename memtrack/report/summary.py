@@ -8,7 +8,8 @@ from typing import Optional
 from .. import __version__
 from ..config import Config, from_dict
 from ..data import open_image
-from ..dynamics import last_clean_checkpoint, onsets
+from ..dynamics import last_clean_checkpoint, match_table, onsets, png_bytes_per_pixel, trajectories, which_images
+from ..tracker_probes import loss_gap_block, noise_magnitude_summary
 from ..errors import DataError, MemtrackError
 from ..index import ReferenceIndex
 from ..store import RunStore
@@ -50,6 +51,7 @@ def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | 
             "path": info.get("checkpoint", {}).get("path"), "metrics": ev.metrics,
             "distinct_train_images": info.get("distinct_train_images", 0),
             "top_matches": info.get("top_matches", []), "duration_s": ev.duration_s,
+            **{k: info[k] for k in ("loss_gap", "noise_magnitude") if k in info},
         })
     skipped = [{"step": e.step, "checkpoint": e.checkpoint, "reason": e.reason}
                for e in store.evaluations(status="skipped")]
@@ -76,7 +78,59 @@ def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | 
     identities = identities_block(checkpoints, index)
     if identities:
         summary["identities"] = identities
+    gap = loss_gap_block(checkpoints, config)
+    if gap:
+        summary["loss_gap"] = gap
+    noise = noise_magnitude_summary(checkpoints)
+    if noise:
+        summary["noise_magnitude"] = noise
+    summary.update(seed_dynamics(store, evals, index, config))
     return summary
+
+
+def seed_dynamics(store: RunStore, evals: list, index: ReferenceIndex | None, config: Config) -> dict:
+    """Per-seed trajectories and which training images were reproduced (and whether duplicated / simple)."""
+    if not evals:
+        return {}
+    train_ids = index.train_ids if index is not None else None
+    table = match_table([(ev.step, store.samples(ev.id)) for ev in evals], train_ids)
+    idents = {r.id: r.identity for r in index.records if r.identity} if index is not None else None
+    out = {"trajectories": trajectories(table["steps"], table["seeds"], table["matches"], identities=idents or None)}
+    if index is not None and "pixel" in index.spaces:
+        dup, simple = training_image_factors(index, config)
+        out["which_images"] = which_images(index.train_ids, table["steps"], table["matches"], near_duplicates=dup,
+                                           bytes_per_pixel=simple, seeds=table["seeds"])
+    return out
+
+
+def training_image_factors(index: ReferenceIndex, config: Config) -> tuple[list[int], list[float]]:
+    """Per training image: its near-duplicates inside the training set and its simplicity.
+
+    Near-duplicates: other training images among its ``index.k`` nearest in the pixel index whose tiled L2
+    distance is within the ``tiled_l2`` threshold (the detector's own near-copy test). Simplicity: PNG
+    bytes per pixel at the index resolution.
+    """
+    import numpy as np
+
+    from ..detectors import tiled_distances
+
+    space = index.spaces["pixel"]
+    res = int(space.fingerprint["resolution"])
+    dup, simple = [0] * index.n_train, [0.0] * index.n_train
+    k = min(config.index.k + 1, space.index.ntotal)
+    for start in range(0, len(space.rows), 256):
+        vids = np.arange(start, min(start + 256, len(space.rows)))
+        q = space.vectors_at(vids)
+        _, ids = index.search("pixel", q, k)
+        d = tiled_distances(q.reshape(len(q), 3, res, res),
+                            index.candidates("pixel", ids).reshape(len(q), k, 3, res, res), config.detectors.tiled_grid)
+        others = (ids >= 0) & (ids != vids[:, None])
+        counts = ((d <= config.detectors.tiled_l2) & others).sum(axis=1)
+        for j, vid in enumerate(vids):
+            rec = int(space.rows[vid])
+            dup[rec] = int(counts[j])
+            simple[rec] = png_bytes_per_pixel(np.asarray(space.vectors[vid]).reshape(3, res, res))
+    return dup, simple
 
 
 def identities_block(checkpoints: list[dict], index: ReferenceIndex | None) -> dict:
