@@ -36,14 +36,24 @@ def _parser() -> argparse.ArgumentParser:
     isub = idx.add_subparsers(dest="index_command", metavar="VERB")
     b = isub.add_parser("build", help="embed a training set and build its reference index",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="example:\n  memtrack index build data/train --out ref/ --embedders pixel,clip")
-    b.add_argument("data", help="training set folder (plain, or HF imagefolder with metadata.jsonl/.csv)")
+                        epilog="examples:\n  memtrack index build data/train --out ref/ --embedders pixel,clip\n"
+                               "  memtrack index build shards/ --out ref/ --index-type auto --memory-budget 16GB\n"
+                               "  memtrack index build data/new --out ref/ --add\n"
+                               "  accelerate launch --num_processes 4 -m memtrack index build data/ --out ref/")
+    b.add_argument("data", help="training set: a folder (plain, or HF imagefolder with metadata.jsonl/.csv), "
+                                "webdataset .tar shards, or a .parquet list of paths")
     b.add_argument("--out", required=True, help="index folder to write")
     b.add_argument("--embedders", help="comma-separated spaces, e.g. pixel,clip,face (default: config or pixel)")
     b.add_argument("--resolution", type=int, help="pixel space resolution (default 32)")
     b.add_argument("--config", help="YAML config file")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     b.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    b.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf_flat", "ivf_pq"],
+                   help="faiss index (index.index_type; default auto: exact Flat for small sets)")
+    b.add_argument("--memory-budget", help="memory the faiss index may take, e.g. 16GB (index.memory_budget)")
+    b.add_argument("--recall-target", type=float, help="recall@k to tune approximate indexes to (default 0.95)")
+    b.add_argument("--add", action="store_true", help="add DATA to the existing index at --out (no rebuild)")
+    b.add_argument("--shard-dir", help="embed shard by shard into this folder; rerun the same command to resume")
     info = isub.add_parser("info", help="describe an index")
     info.add_argument("index")
     info.add_argument("--json", action="store_true")
@@ -135,17 +145,40 @@ def cmd_index_build(args) -> int:
     from .data import read_dataset
     from .embedders import get_embedder
     from .index import ReferenceIndex
+    from .shards import distributed_state
 
-    cfg = load_config(args.config)
+    if args.add and (args.overwrite or args.shard_dir or args.index_type):
+        raise ConfigError("--add cannot be combined with --overwrite, --shard-dir or --index-type",
+                          hint="--add extends the index at --out as it was built")
+    cfg = load_config(args.config, {"index.index_type": args.index_type, "index.memory_budget": args.memory_budget,
+                                    "index.recall_target": args.recall_target})
     if args.embedders:
         cfg.index.embedders = [EmbedderSpec(n.strip(), {}) for n in args.embedders.split(",") if n.strip()]
     if args.resolution:
         for spec in cfg.index.embedders:
             if spec.name == "pixel":
                 spec.options["resolution"] = args.resolution
+    state = distributed_state()
+    if args.add:
+        if state is not None:
+            raise ConfigError("--add runs in one process", hint="run it without accelerate launch")
+        ref = ReferenceIndex.open(args.out)
+        embedders = [get_embedder(spec) for spec in cfg.index.embedders] if args.embedders else \
+            [get_embedder({"name": n, **s.info.get("options", {})}) for n, s in ref.spaces.items()]
+        before = ref.n_train
+        ref = ref.add(read_dataset(args.data, cfg.data), embedders, _add_config(ref, args))
+        print(f"added {ref.n_train - before} training images from {args.data} to {args.out}")
+        if args.json:
+            print(json.dumps(_index_info(ref), indent=2))
+        else:
+            _print_index(_index_info(ref))
+        return 0
     embedders = [get_embedder(spec) for spec in cfg.index.embedders]
-    ds = read_dataset(args.data, cfg.data)
-    ref = ReferenceIndex.build(ds, embedders, args.out, cfg, overwrite=args.overwrite)
+    ds = read_dataset(args.data, cfg.data, show_progress=state is None or state.is_main_process)
+    ref = ReferenceIndex.build(ds, embedders, args.out, cfg, overwrite=args.overwrite, shard_dir=args.shard_dir,
+                               state=state)
+    if ref is None:  # another process of a sharded build: the main process writes the index
+        return 0
     info = _index_info(ref)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -155,10 +188,22 @@ def cmd_index_build(args) -> int:
     return 0
 
 
+def _add_config(ref, args):
+    """The index's own config, with --recall-target applied."""
+    from .index_update import _index_config
+
+    cfg = _index_config(ref)
+    if args.recall_target is not None:
+        cfg.index.recall_target = args.recall_target
+    return cfg
+
+
 def _index_info(ref) -> dict:
     return {"path": str(ref.path), "n_train": ref.n_train, "skipped": ref.manifest.get("skipped", []),
             "spaces": {n: {"dim": s.dim, "metric": s.metric, "vectors": int(len(s.vectors)),
-                           "fingerprint": s.fingerprint} for n, s in ref.spaces.items()},
+                           "fingerprint": s.fingerprint, "index": s.info.get("factory", s.info.get("index_type")),
+                           "on_disk": bool(s.info.get("on_disk")), "recall_at_k": s.info.get("recall_at_k"),
+                           "search_params": s.info.get("search_params", {})} for n, s in ref.spaces.items()},
             "baseline": {n: {k: v for k, v in b.items() if k != "values"}
                          for n, b in ref.manifest.get("baseline", {}).items()}}
 
@@ -169,6 +214,9 @@ def _print_index(info: dict) -> None:
         print(f"  {name:<8} {sp['vectors']:>7} vectors  dim {sp['dim']:<5} metric {sp['metric']:<6}  "
               f"train->train {base.get('statistic', '')}: mean {base.get('mean', float('nan')):.3f} "
               f"p95 {base.get('p95', float('nan')):.3f}")
+        if sp.get("index") and sp["index"] not in ("Flat", "IndexFlatL2", "IndexFlatIP"):
+            print(f"           index {sp['index']}{' (lists on disk)' if sp['on_disk'] else ''}  "
+                  f"recall@k {sp['recall_at_k']}  {sp['search_params']}")
     if info["skipped"]:
         print(f"  skipped {len(info['skipped'])} unreadable file(s):")
         for s in info["skipped"][:10]:

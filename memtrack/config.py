@@ -54,9 +54,21 @@ class IndexConfig:
     embedders: list = _f(factory=lambda: [EmbedderSpec("pixel", {})],
                          help="embedding spaces to index: list of {name, options}")
     k: int = _f(10, "candidates returned by the index per query, re-checked exactly by the detectors")
-    index_type: str = _f("flat", "faiss index choice: flat (exact) or auto (by size; see docs/scale.md)")
+    index_type: str = _f("auto", "faiss index: auto (exact Flat while the vectors take <= 256 MiB, then HNSW, "
+                         "IVF-Flat, IVF+PQ with exact re-ranking, by size and memory budget; see docs/scale.md), "
+                         "or force one of flat, hnsw, ivf_flat, ivf_pq")
     baseline_k: int = _f(50, "neighbours used for the train->train baseline and the adaptive distance")
     batch_size: int = _f(64, "images per embedding batch")
+    memory_budget: Optional[Union[int, str]] = _f(None, "memory the faiss index may take, e.g. 16GB or 512MiB "
+                                                  "(default: half the physical memory); larger IVF indexes keep "
+                                                  "their lists on disk")
+    recall_target: float = _f(0.95, "approximate indexes: nprobe/efSearch are tuned until recall@k against "
+                              "exact search reaches this (measured on held-out training vectors)")
+    recall_queries: int = _f(1000, "held-out training vectors used to measure recall")
+    on_disk: Optional[bool] = _f(None, "IVF inverted lists in a file beside the index (default: when the "
+                                 "index is larger than the memory budget)")
+    shard_size: int = _f(10_000, "records per shard of a sharded / resumable build (--shard-dir, accelerate)")
+    read_workers: int = _f(2, "threads reading and decoding images ahead of the embedder (0: none)")
 
 
 @dataclass
@@ -100,8 +112,14 @@ class DynamicsConfig:
     baseline_rate: float = _f(0.01, "onset: the Wilson lower bound must exceed this rate")
     persistence: int = _f(2, "onset: and stay above it for this many further checkpoints")
     loss_gap: bool = _f(False, "compute the held-out minus train denoising-loss gap per checkpoint")
-    loss_gap_timesteps: int = _f(8, "timesteps spread over the schedule for the loss gap")
-    loss_gap_images: int = _f(32, "training / held-out images used for the loss gap")
+    loss_gap_timesteps: int = _f(4, "timesteps spread over the schedule for the loss gap")
+    loss_gap_images: int = _f(8, "training / held-out images used for the loss gap (cost: ~2 x images x "
+                              "timesteps / (3 x batch) training steps; see benchmarks/loss_gap_cost.py)")
+    heldout_dir: Optional[str] = _f(None, "folder of held-out images (same distribution, not trained on) for the "
+                                    "loss gap")
+    noise_magnitude: bool = _f(False, "text-to-image: Wen et al.'s noise magnitude of every prompt per checkpoint")
+    noise_magnitude_steps: Optional[int] = _f(None, "sampling steps for the noise magnitude (default: "
+                                              "sampling.num_inference_steps; Wen et al. find step 1 alone detects well)")
 
 
 @dataclass
@@ -257,7 +275,7 @@ def _embedder_spec(value: Any, path: str) -> EmbedderSpec:
 
 _POSITIVE = {
     "SamplingConfig": ("num_samples", "batch_size", "num_inference_steps", "seeds_per_prompt", "num_train_timesteps"),
-    "IndexConfig": ("k", "baseline_k", "batch_size"),
+    "IndexConfig": ("k", "baseline_k", "batch_size", "recall_queries", "shard_size"),
     "DetectorsConfig": ("tiled_grid", "adaptive_n"),
     "DynamicsConfig": ("loss_gap_timesteps", "loss_gap_images"),
     "DataConfig": ("max_image_pixels", "max_metadata_line_bytes"),
@@ -286,8 +304,24 @@ def _validate(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.persistence must be >= 0, got {obj.persistence}")
     if isinstance(obj, TrackingConfig) and obj.quiet_period_s < 0:
         raise ConfigError(f"{where}.quiet_period_s must be >= 0, got {obj.quiet_period_s}")
-    if isinstance(obj, IndexConfig) and obj.index_type not in ("flat", "auto"):
-        raise ConfigError(f"{where}.index_type must be 'flat' or 'auto', got {obj.index_type!r}")
+    if isinstance(obj, IndexConfig):
+        _validate_index(obj, where)
+
+
+def _validate_index(obj: "IndexConfig", where: str) -> None:
+    from .errors import IndexError_
+    from .index_choice import INDEX_TYPES, parse_bytes
+
+    if obj.index_type not in INDEX_TYPES:
+        raise ConfigError(f"{where}.index_type must be one of {', '.join(INDEX_TYPES)}, got {_show(obj.index_type)}")
+    if not 0.0 < obj.recall_target <= 1.0:
+        raise ConfigError(f"{where}.recall_target must be in (0, 1], got {obj.recall_target}")
+    if obj.read_workers < 0:
+        raise ConfigError(f"{where}.read_workers must be >= 0, got {obj.read_workers}")
+    try:
+        parse_bytes(obj.memory_budget)
+    except IndexError_ as exc:
+        raise ConfigError(f"{where}.memory_budget: {exc.message}", hint=exc.hint) from None
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -1,4 +1,5 @@
-"""Read a training set: Hugging Face ``imagefolder`` layouts and plain folders.
+"""Read a training set: Hugging Face ``imagefolder`` layouts and plain folders (webdataset tars and
+parquet lists: :mod:`memtrack.sources`).
 
 Layouts (see ``data/README.md``):
 
@@ -94,6 +95,10 @@ def open_image(source: str | Path | bytes, max_pixels: int = 64_000_000) -> Imag
         DataError: the file cannot be read or decoded, or it exceeds ``max_pixels`` (a decompression bomb).
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if isinstance(source, str) and source.startswith("tar-member:"):  # a webdataset member (sources.py)
+        from .sources import read_member
+
+        source = read_member(source)
     if not isinstance(source, bytes):
         _require_regular_file(Path(source))
     try:
@@ -279,6 +284,10 @@ def read_dataset(root: str | Path, cfg: DataConfig | None = None, *, check_image
     """
     cfg = cfg or DataConfig()
     root = Path(root)
+    from .sources import is_parquet, is_webdataset, read_source
+
+    if is_parquet(root) or is_webdataset(root):  # webdataset .tar shards, parquet lists (sources.py)
+        return read_source(root, cfg, check_images, show_progress)
     if not root.is_dir():
         raise DataError(f"training set folder not found: {root}", hint="pass the folder that holds the images")
     meta = next((root / m for m in METADATA_FILES if (root / m).is_file()), None)

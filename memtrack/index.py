@@ -2,22 +2,26 @@
 
 Layout of an index folder (written to a temporary folder, then renamed into place):
 
-    manifest.json          version, config, spaces (fingerprint, metric, dim, files), baseline stats, skipped
+    manifest.json          version, config, spaces (fingerprint, metric, dim, index choice, recall), baseline
     records.jsonl          one training record per line (id, path, sha256, caption, identity, ...)
     <space>.vectors.npy    the embeddings (pixel: uint8, exact; features: float32), opened memory-mapped
     <space>.rows.npy       training-record row of every vector (faces: several per image, some none)
-    <space>.faiss          the faiss index that proposes candidates
+    <space>.faiss          the faiss index that proposes candidates (opened memory-mapped where faiss can)
+    <space>.ivfdata        its inverted lists, when they live on disk (larger than the memory budget)
+    <space>.trained.faiss  the empty trained IVF index (quantizer), reused by incremental adds
     <space>.baseline.npy   train->train statistic per vector (nearest *other* training image)
 
 Search proposes top-k candidates; the detectors then recompute exact distances on the candidates'
 stored vectors (:meth:`ReferenceIndex.candidates`), so an approximate index can lose recall but never
-changes a verdict on what it finds.
+changes a verdict on what it finds. Which index a space gets, and its measured recall, is decided in
+:mod:`memtrack.index_choice` (see docs/scale.md); sharded and resumable embedding in :mod:`memtrack.shards`.
 
 Example:
     >>> ds = read_dataset("data/train")
     >>> ref = ReferenceIndex.build(ds, [get_embedder("pixel")], "ref/")
     >>> ref = ReferenceIndex.open("ref/")
     >>> scores, rows = ref.search("pixel", vectors, k=10)
+    >>> ref = ref.add(read_dataset("data/more"), [get_embedder("pixel")])   # no rebuild
 """
 from __future__ import annotations
 
@@ -29,16 +33,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .config import Config, IndexConfig
-from .data import Dataset, Record, Skipped, open_image
+from . import index_choice as ic
+from . import index_faiss as fx
+from . import shards as sh
+from .config import Config
+from .data import Dataset, Record
 from .detectors import exact_rms_distances, summarise
 from .embedders import Embedder, fingerprint_diff
 from .errors import DataError, FingerprintMismatch, IndexError_
-from .utils import atomic_write_json, get_logger, progress_bar
+from .utils import atomic_write_json, get_logger
 
 logger = get_logger(__name__)
 
@@ -68,30 +75,25 @@ class Space:
         got[flat < 0] = 0
         return got.reshape(*ids.shape, self.dim).astype(np.float32)
 
+    def prepared(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors as the faiss index sees them (cosine spaces normalised)."""
+        return _prepare(self.metric, self.vectors[np.asarray(ids)], self.divisor)
+
+    @property
+    def rerank(self) -> int:
+        return int(self.info.get("rerank", 1))
+
 
 # ------------------------------------------------------------------------------------- faiss helpers
 
 
 def _faiss():
-    try:
-        import faiss  # noqa: WPS433
-    except ImportError as exc:  # pragma: no cover - core dependency
-        from .errors import DependencyError
-
-        raise DependencyError("faiss is not installed", hint="pip install faiss-cpu") from exc
-    return faiss
+    return ic.faiss_module()
 
 
-def make_faiss_index(metric: str, dim: int, n: int, index_type: str = "flat"):
-    """The faiss index for a space. ``flat`` is exact; ``auto`` chooses by size (see docs/scale.md).
-
-    This is the seam where the index choice lives; exact search is used for every size unless a
-    larger-scale choice is configured.
-    """
-    faiss = _faiss()
-    if index_type in ("flat", "auto"):
-        return faiss.IndexFlatIP(dim) if metric == "cosine" else faiss.IndexFlatL2(dim)
-    raise IndexError_(f"unknown index_type {index_type!r}", hint="use flat or auto")
+def make_faiss_index(metric: str, dim: int, n: int, index_type: str = "flat", memory_budget: int | None = None):
+    """The (untrained) faiss index for a space: ``flat`` is exact; ``auto`` chooses by size (docs/scale.md)."""
+    return ic.make_index(ic.choose_index(n, dim, memory_budget, index_type), metric, dim)
 
 
 def _prepare(metric: str, vectors: np.ndarray, divisor: float) -> np.ndarray:
@@ -104,35 +106,50 @@ def _prepare(metric: str, vectors: np.ndarray, divisor: float) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- build
 
 
-def _embed_dataset(embedder: Embedder, records: Sequence[Record], batch_size: int,
-                   max_pixels: int) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
-    """Embed every record; returns (vectors, record rows, records that failed)."""
-    chunks, rows, failed = [], [], []
-    multi = hasattr(embedder, "embed_faces")
-    bar = progress_bar(total=len(records), desc=f"embedding [{embedder.name}]", unit="img")
-    for start in range(0, len(records), batch_size):
-        batch_recs = records[start:start + batch_size]
-        images, idx = [], []
-        for j, rec in enumerate(batch_recs):
-            try:
-                images.append(open_image(rec.path, max_pixels))
-                idx.append(start + j)
-            except DataError as exc:
-                failed.append(Skipped(rec.id, exc.message))
-        if images:
-            if multi:
-                fb = embedder.embed_faces(images)
-                chunks.append(np.asarray(fb.vectors, dtype=np.float32))
-                rows.append(np.asarray(idx, dtype=np.int64)[np.asarray(fb.image_index, dtype=np.int64)])
-            else:
-                chunks.append(np.asarray(embedder.embed(images), dtype=np.float32))
-                rows.append(np.asarray(idx, dtype=np.int64))
-        bar.update(len(batch_recs))
-    bar.close()
-    dim = embedder.dim
-    vec = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-    row = np.concatenate(rows) if rows else np.zeros((0,), np.int64)
-    return vec, row, failed
+def _storage(emb: Embedder) -> tuple[float, str]:
+    """(divisor, dtype) of a space's stored vectors: the pixel space keeps exact uint8 pixels."""
+    return (255.0, "uint8") if emb.metric == "l2" and emb.name == "pixel" else (1.0, "float32")
+
+
+def _to_stored(emb: Embedder, vec: np.ndarray) -> np.ndarray:
+    divisor, dtype = _storage(emb)
+    if dtype == "uint8":
+        return np.rint(vec * 255.0).clip(0, 255).astype(np.uint8)
+    return vec.astype(np.float32)
+
+
+def _nearest_other(metric: str, stored, divisor: float, qids: np.ndarray, search, k: int, rms: bool,
+                   exclude_self: bool = True) -> np.ndarray:
+    """For each query vector ``stored[qids]``: its statistic to the nearest *other* candidate that
+    ``search(prepared queries, k) -> (scores, candidate ids)`` proposes, re-checked exactly.
+
+    ``search`` may return ids of another array than ``stored`` (``exclude_self=False``, ``fetch`` below)."""
+    out = np.full(len(qids), np.nan)
+    for s in range(0, len(qids), 256):
+        ids_q = qids[s:s + 256]
+        raw_q = np.asarray(stored[ids_q], dtype=np.float64) / divisor
+        cand_ids, cand = search(_prepare(metric, stored[ids_q], divisor), k)
+        valid = cand_ids >= 0
+        if exclude_self:
+            valid &= cand_ids != ids_q[:, None]
+        if metric == "cosine":
+            qn = raw_q / np.maximum(np.linalg.norm(raw_q, axis=1, keepdims=True), 1e-12)
+            cn = cand / np.maximum(np.linalg.norm(cand, axis=2, keepdims=True), 1e-12)
+            stat = np.where(valid, np.einsum("nd,nkd->nk", qn, cn), -np.inf).max(1)
+        else:
+            d = np.where(valid, exact_rms_distances(raw_q, cand), np.inf)
+            stat = d.min(1) * (1.0 if rms else np.sqrt(cand.shape[2]))
+        out[s:s + 256] = np.where(valid.any(1), stat, np.nan)
+    return out
+
+
+def _candidates_of(stored, divisor: float, index_search):
+    """A ``search`` for :func:`_nearest_other` over ``stored``: candidate ids and their raw values."""
+    def search(q, k):
+        _, ids = index_search(q, k)
+        return ids, np.asarray(stored[np.where(ids >= 0, ids, 0).reshape(-1)], np.float64).reshape(
+            *ids.shape, -1) / divisor
+    return search
 
 
 def _baseline(metric: str, vectors: np.ndarray, divisor: float, faiss_index, k: int, rms: bool = True) -> np.ndarray:
@@ -141,30 +158,74 @@ def _baseline(metric: str, vectors: np.ndarray, divisor: float, faiss_index, k: 
     cosine spaces: the top cosine similarity (Somepalli et al.'s train->train baseline);
     l2 spaces: the distance to the nearest other vector -- RMS per pixel for the pixel space (``rms``),
     plain Euclidean otherwise (face descriptors, whose thresholds are Euclidean).
+    ``faiss_index`` is anything with ``search(queries, k) -> (scores, ids)``.
     """
     m = len(vectors)
     if m < 2:
         return np.full(m, np.nan)
-    k = min(k + 1, m)
-    out = np.empty(m, dtype=np.float64)
-    for s in range(0, m, 256):
-        q = _prepare(metric, vectors[s:s + 256], divisor)
-        _, ids = faiss_index.search(q, k)
-        for i in range(len(q)):
-            others = [j for j in ids[i] if j >= 0 and j != s + i]
-            if not others:
-                out[s + i] = np.nan
-                continue
-            cand = np.asarray(vectors[others], dtype=np.float64) / divisor
-            if metric == "cosine":
-                qn = q[i].astype(np.float64)
-                cn = cand / np.maximum(np.linalg.norm(cand, axis=1, keepdims=True), 1e-12)
-                out[s + i] = float((cn @ qn).max())
-            else:
-                qi = np.asarray(vectors[s + i], dtype=np.float64) / divisor
-                d = float(exact_rms_distances(qi[None], cand[None])[0].min())
-                out[s + i] = d if rms else d * np.sqrt(cand.shape[1])
-    return out
+    search = _candidates_of(vectors, divisor, faiss_index.search)
+    return _nearest_other(metric, vectors, divisor, np.arange(m), search, min(k + 1, m), rms)
+
+
+class _Searcher:
+    """``search(q, k)`` of a space's faiss index, with exact re-ranking where the codes are approximate."""
+
+    def __init__(self, index, metric: str, fetch, rerank: int):
+        self.index, self.metric, self.fetch, self.rerank = index, metric, fetch, rerank
+
+    def search(self, q: np.ndarray, k: int):
+        return ic.search_reranked(self.index, self.fetch, self.metric, q, k, self.rerank)
+
+
+def _write_space(tmp: Path, emb: Embedder, stored, rows: np.ndarray, records: Sequence[Record],
+                 config: Config) -> dict:
+    """Index, tune, baseline and save one space into ``tmp``; returns its manifest entry + baseline."""
+    icfg = config.index
+    divisor, dtype = _storage(emb)
+    # 1. choose, train and fill the faiss index (on-disk inverted lists when over the memory budget)
+    built = fx.build_faiss(tmp, emb.name, emb.metric, emb.dim, stored, lambda x: _prepare(emb.metric, x, divisor),
+                           icfg)
+    fetch = lambda ids: _prepare(emb.metric, stored[np.asarray(ids)], divisor)  # noqa: E731
+    # 2. search parameters tuned to the recall target, recall measured against exact search
+    recall = fx.tune_built(built, emb.metric, fetch, len(stored), icfg)
+    searcher = _Searcher(built.index, emb.metric, fetch, recall.rerank)
+    # 3. the train->train baseline
+    base = _baseline(emb.metric, stored, divisor, searcher, 1, rms=emb.name == "pixel")
+    identity_meta = None
+    # 4. identities and the calibrated verification threshold (face spaces)
+    if hasattr(emb, "embed_faces"):
+        from .identity_index import build_identity
+
+        arrays, identity_meta = build_identity(records, np.asarray(stored), rows, emb, config)
+        for key, arr in arrays.items():
+            np.save(tmp / f"{emb.name}.{key}.npy", arr)
+    if not (tmp / f"{emb.name}.vectors.npy").exists():
+        np.save(tmp / f"{emb.name}.vectors.npy", stored)
+    np.save(tmp / f"{emb.name}.rows.npy", rows)
+    np.save(tmp / f"{emb.name}.baseline.npy", base)
+    fx.write_built(built, tmp / f"{emb.name}.faiss")
+    meta = {"fingerprint": emb.fingerprint, "options": dataclasses.asdict(emb.options),
+            "metric": emb.metric, "dim": emb.dim, "n_vectors": int(len(stored)), "dtype": dtype,
+            "divisor": divisor, "index_type": type(built.index).__name__, **built.meta(),
+            **_recall_meta(recall)}
+    return {"meta": meta, "baseline": base, "identity": identity_meta}
+
+
+def _recall_meta(recall) -> dict:
+    return {"recall_at_k": round(recall.recall_at_k, 4), "recall_at_1": round(recall.recall_at_1, 4),
+            "rerank": recall.rerank, "search_params": recall.params, "recall": recall.to_dict()}
+
+
+def _baseline_meta(emb_name: str, metric: str, base: np.ndarray) -> dict:
+    stat = ("cosine to nearest other" if metric == "cosine" else "RMS pixel distance to nearest other"
+            if emb_name == "pixel" else "distance to nearest other")
+    return {"statistic": stat, **summarise(base)}
+
+
+def _embedded_in_memory(emb, records, config):
+    vec, rows, failed = sh.embed_records(emb, records, config.index.batch_size, config.data.max_image_pixels,
+                                         config.index.read_workers)
+    return _to_stored(emb, vec), rows, failed
 
 
 class ReferenceIndex:
@@ -179,92 +240,87 @@ class ReferenceIndex:
     # -------------------------------------------------------------------------------------- build
     @classmethod
     def build(cls, dataset: Dataset, embedders: Sequence[Embedder], out: str | Path,
-              config: Config | None = None, *, overwrite: bool = False) -> "ReferenceIndex":
+              config: Config | None = None, *, overwrite: bool = False, shard_dir: str | Path | None = None,
+              state=None) -> "ReferenceIndex | None":
         """Embed ``dataset`` with each embedder and write the index folder ``out`` atomically.
+
+        Args:
+            shard_dir: embed shard by shard into this folder, so a crashed build resumes where it stopped
+                (default: in memory; ``.<out>.shards`` beside ``out`` when several processes run).
+            state: accelerate's ``PartialState`` of a multi-process launch (see :mod:`memtrack.shards`);
+                every process embeds its shards, the main process builds the index. Other processes
+                return None.
 
         Raises:
             IndexError_: ``out`` exists and is not empty (pass ``overwrite=True``), or no vectors.
         """
         config = config or Config()
-        icfg: IndexConfig = config.index
         out = Path(out)
+        rank, world = sh.rank_and_world(state)
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise IndexError_(f"index folder {out} already exists and is not empty",
                               hint="choose another --out, or pass --overwrite to replace it")
         if len(dataset.records) < 2:
             raise DataError(f"the training set {dataset.root} has {len(dataset.records)} readable image(s); "
                             "memtrack needs at least 2", hint="nearest-neighbour tests compare two neighbours")
+        records = list(dataset.records)
+        sharded = shard_dir is not None or world > 1
+        folder = Path(shard_dir) if shard_dir is not None else sh.default_shard_dir(out)
+        plan = sh.plan(records, embedders, config.index.shard_size, config.data.max_image_pixels) if sharded else []
+        if sharded:
+            # 1. every process embeds its shards (finished shards of an earlier attempt are kept)
+            sh.embed_shards(records, embedders, folder, plan, lambda e, recs: _embedded_in_memory(
+                e, recs, config), rank, world)
+            if state is not None:
+                state.wait_for_everyone()
+            if rank != 0:
+                return None
+            if sh.missing(folder, plan):
+                raise IndexError_(f"shards {sh.missing(folder, plan)[:5]} of {folder} are missing after embedding",
+                                  hint="a process failed; run the same command again to resume")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
         try:
-            records = list(dataset.records)
             skipped = [s.to_dict() for s in dataset.skipped]
-            spaces_meta, baseline_meta, identity_block = {}, {}, None
+            spaces_meta, baseline_meta, identity_block, failed_all = {}, {}, None, {}
             for emb in embedders:
-                # 1. embed the training set
-                vec, rows, failed = _embed_dataset(emb, records, icfg.batch_size, config.data.max_image_pixels)
-                skipped.extend(f.to_dict() for f in failed)
+                # 2. the space's vectors: from the shards, or embedded here
+                if sharded:
+                    stored, rows = sh.collect(folder, plan, emb.name, tmp / f"{emb.name}.vectors.npy",
+                                              _storage(emb)[1], emb.dim)
+                    failed = sh.failed_records(folder, plan)
+                else:
+                    stored, rows, failed = _embedded_in_memory(emb, records, config)
+                failed_all.update({f.path: f for f in failed})
                 if hasattr(emb, "embed_faces"):
                     from .identity_index import select_faces
 
                     keep = select_faces(records, rows, emb)
-                    vec, rows = vec[keep], rows[keep]
-                if emb.metric == "l2" and emb.name == "pixel":
-                    stored, divisor, dtype = np.rint(vec * 255.0).clip(0, 255).astype(np.uint8), 255.0, "uint8"
-                else:
-                    stored, divisor, dtype = vec.astype(np.float32), 1.0, "float32"
-                # 2. the faiss index
-                index = make_faiss_index(emb.metric, emb.dim, len(stored), icfg.index_type)
-                if len(stored):
-                    index.add(_prepare(emb.metric, stored, divisor))
-                # 3. the train->train baseline
-                base = _baseline(emb.metric, stored, divisor, index, 1, rms=emb.name == "pixel")
-                # 4. identities and the calibrated verification threshold (face spaces)
-                if hasattr(emb, "embed_faces"):
-                    from .identity_index import build_identity
-
-                    arrays, identity_meta = build_identity(records, stored, rows, emb, config)
-                    for key, arr in arrays.items():
-                        np.save(tmp / f"{emb.name}.{key}.npy", arr)
-                    identity_block = identity_meta
-                np.save(tmp / f"{emb.name}.vectors.npy", stored)
-                np.save(tmp / f"{emb.name}.rows.npy", rows)
-                np.save(tmp / f"{emb.name}.baseline.npy", base)
-                _faiss().write_index(index, str(tmp / f"{emb.name}.faiss"))
-                spaces_meta[emb.name] = {"fingerprint": emb.fingerprint, "options": dataclasses.asdict(emb.options),
-                                         "metric": emb.metric, "dim": emb.dim,
-                                         "n_vectors": int(len(stored)), "dtype": dtype, "divisor": divisor,
-                                         "index_type": type(index).__name__, "recall_at_k": 1.0}
-                stat = ("cosine to nearest other" if emb.metric == "cosine" else "RMS pixel distance to nearest other"
-                        if emb.name == "pixel" else "distance to nearest other")
-                baseline_meta[emb.name] = {"statistic": stat, **summarise(base)}
-            with open(tmp / "records.jsonl", "w", encoding="utf-8") as fh:
-                for rec in records:
-                    fh.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
-            from . import __version__
-
-            manifest = {
-                "format_version": FORMAT_VERSION, "memtrack_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "dataset": {"root": str(Path(dataset.root).resolve()), "layout": dataset.layout,
-                            "n_train": len(records), "n_skipped": len(skipped)},
-                "n_train": len(records), "skipped": skipped,
-                "config": {"data": config.to_dict()["data"], "index": config.to_dict()["index"]},
-                "spaces": spaces_meta, "baseline": baseline_meta,
-            }
-            if identity_block is not None:
-                manifest["identity"] = identity_block
+                    stored, rows = np.asarray(stored)[keep], rows[keep]
+                    (tmp / f"{emb.name}.vectors.npy").unlink(missing_ok=True)
+                # 3-5. index, baseline, identities
+                space = _write_space(tmp, emb, stored, rows, records, config)
+                spaces_meta[emb.name] = space["meta"]
+                baseline_meta[emb.name] = _baseline_meta(emb.name, emb.metric, space["baseline"])
+                identity_block = space["identity"] or identity_block
+                del stored
+            skipped.extend(f.to_dict() for f in failed_all.values())
+            manifest = _manifest(dataset, records, skipped, config, spaces_meta, baseline_meta, identity_block)
+            _write_records(tmp / "records.jsonl", records)
             atomic_write_json(tmp / MANIFEST, manifest)
             _replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if sharded:
+            sh.cleanup(folder, plan, remove_folder=shard_dir is None)
         return cls.open(out)
 
     # --------------------------------------------------------------------------------------- open
     @classmethod
-    def open(cls, path: str | Path, *, mmap: bool = True) -> "ReferenceIndex":
-        """Open an index folder. Vectors are memory-mapped; nothing is embedded again."""
+    def open(cls, path: str | Path, *, mmap: bool = True, gpu: bool = True) -> "ReferenceIndex":
+        """Open an index folder. Vectors and (where faiss can) the faiss index are memory-mapped; on-disk
+        inverted lists are found beside the index file. ``gpu``: search on every GPU faiss-gpu sees."""
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.is_file():
@@ -281,16 +337,17 @@ class ReferenceIndex:
         with open(path / "records.jsonl", encoding="utf-8") as fh:
             for line in fh:
                 records.append(Record(**json.loads(line)))
-        faiss = _faiss()
         spaces = {}
         for name, meta in manifest["spaces"].items():
             try:
                 vectors = np.load(path / f"{name}.vectors.npy", mmap_mode="r" if mmap else None)
                 rows = np.load(path / f"{name}.rows.npy")
-                index = faiss.read_index(str(path / f"{name}.faiss"))
+                index = fx.read_faiss(path / f"{name}.faiss", meta, mmap=mmap)
             except (OSError, ValueError, RuntimeError) as exc:
                 raise IndexError_(f"index {path} is incomplete: space {name!r}: {exc}",
                                   hint="rebuild the index") from None
+            if gpu and not meta.get("on_disk") and meta.get("index_kind") != "hnsw":
+                index = fx.to_gpu(index)
             spaces[name] = Space(name, meta["fingerprint"], meta["metric"], int(meta["dim"]), vectors, rows,
                                  index, float(meta.get("divisor", 1.0)), meta)
         return cls(path, manifest, records, spaces)
@@ -331,7 +388,7 @@ class ReferenceIndex:
         k = max(1, min(k, sp.index.ntotal))
         if len(q) == 0 or sp.index.ntotal == 0:
             return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
-        scores, ids = sp.index.search(q, k)
+        scores, ids = ic.search_reranked(sp.index, sp.prepared, sp.metric, q, k, sp.rerank)
         return scores, ids.astype(np.int64)
 
     def candidates(self, space: str, ids: np.ndarray) -> np.ndarray:
@@ -363,8 +420,53 @@ class ReferenceIndex:
         return {"path": str(self.path), "n_train": self.n_train,
                 "n_skipped": len(self.manifest.get("skipped", [])),
                 "spaces": {n: {**s.fingerprint, "index_type": s.info.get("index_type"),
-                               "n_vectors": s.info.get("n_vectors"), "recall_at_k": s.info.get("recall_at_k")}
+                               "n_vectors": s.info.get("n_vectors"), "recall_at_k": s.info.get("recall_at_k"),
+                               "search_params": s.info.get("search_params", {})}
                            for n, s in self.spaces.items()}}
+
+    # -------------------------------------------------------------------------------------- add
+    def add(self, data: Dataset | Sequence[Record], embedders: Sequence[Embedder],
+            config: Config | None = None) -> "ReferenceIndex":
+        """Add training images without rebuilding: new records are appended, vectors added to the trained
+        faiss index, the baseline updated (exactly, for old and new vectors), recall re-measured and
+        re-tuned only when it fell below the target. Returns the reopened index.
+
+        The update is written to a temporary folder and swapped in, so a crash leaves the old index.
+        Old vectors are copied into the new ``.vectors.npy`` (I/O proportional to the index).
+
+        Raises:
+            IndexError_: an id or an image (sha256) is already indexed, or the embedders differ.
+
+        Example:
+            >>> ref = ReferenceIndex.open("ref/").add(read_dataset("data/new"), [get_embedder("pixel")])
+        """
+        from .index_update import add_to_index
+
+        return add_to_index(self, data, embedders, config)
+
+
+def _manifest(dataset: Dataset, records: list[Record], skipped: list, config: Config, spaces_meta: dict,
+              baseline_meta: dict, identity_block: dict | None) -> dict:
+    from . import __version__
+
+    manifest = {
+        "format_version": FORMAT_VERSION, "memtrack_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": {"root": str(Path(dataset.root).resolve()), "layout": dataset.layout,
+                    "n_train": len(records), "n_skipped": len(skipped)},
+        "n_train": len(records), "skipped": skipped,
+        "config": {"data": config.to_dict()["data"], "index": config.to_dict()["index"]},
+        "spaces": spaces_meta, "baseline": baseline_meta,
+    }
+    if identity_block is not None:
+        manifest["identity"] = identity_block
+    return manifest
+
+
+def _write_records(path: Path, records: Sequence[Record]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

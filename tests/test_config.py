@@ -90,7 +90,9 @@ def test_unknown_field_names_the_dotted_path(tmp_path):
     ("detectors", "adaptive_alpha", 0, "detectors.adaptive_alpha must be > 0"),
     ("dynamics", "baseline_rate", 1.5, "dynamics.baseline_rate must be in [0, 1)"),
     ("data", "holdout_fraction", -0.1, "data.holdout_fraction must be in [0, 1)"),
-    ("index", "index_type", "hnsw", "index.index_type must be 'flat' or 'auto'"),
+    ("index", "index_type", "annoy", "index.index_type must be one of auto, flat, hnsw, ivf_flat, ivf_pq"),
+    ("index", "recall_target", 1.5, "index.recall_target must be in (0, 1]"),
+    ("index", "memory_budget", "lots", "index.memory_budget: memory budget 'lots' is not a size"),
 ])
 def test_wrong_types_and_values_name_the_field(section, field, value, words):
     with pytest.raises(ConfigError) as err:
