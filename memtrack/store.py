@@ -121,7 +121,9 @@ class RunStore:
                 conn = sqlite3.connect(db, timeout=30, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(_SCHEMA)
+                # the whole schema and its version in one transaction: a kill leaves all of it or none
+                conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}INSERT OR IGNORE INTO meta VALUES "
+                                   f"('schema_version', '{SCHEMA_VERSION}');COMMIT;")
                 cls._check_schema(conn, db)
             conn.execute("PRAGMA foreign_keys=ON")
             conn.row_factory = sqlite3.Row
