@@ -115,6 +115,10 @@ class RunStore:
         try:
             if readonly:
                 conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                    # a process killed before its first commit leaves an empty database: nothing stored yet
+                    raise StoreError(f"no memtrack results in {run_dir} yet ({db} is empty)",
+                                     hint="run (or resume) `memtrack scan RUN --index DIR` first")
                 cls._check_schema(conn, db, readonly=True)  # sqlite opens lazily: read now, fail now
             else:
                 folder.mkdir(parents=True, exist_ok=True)

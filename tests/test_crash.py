@@ -100,9 +100,26 @@ def _events(path: str) -> list[list[str]]:
     return [ln.split()[1:] for ln in p.read_text().splitlines()] if p.exists() else []
 
 
+_TABLES = {"meta", "evaluations", "metrics", "samples"}
+
+
 def _connect(store: Path) -> sqlite3.Connection | None:
+    """A read-only connection, or None where no store was made yet.
+
+    A kill before the schema's one transaction commits leaves a database file with no tables at all: that is
+    the "none" half of all-or-nothing, an empty store. A file with only some of the tables is torn and is
+    reported as such.
+    """
     db = store / "store.sqlite"
-    return sqlite3.connect(f"file:{db}?mode=ro", uri=True) if db.exists() else None
+    if not db.exists():
+        return None
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        conn.close()
+        return None
+    assert tables >= _TABLES, f"{db} holds a partial schema: {sorted(tables)}"
+    return conn
 
 
 def _stored(store: Path) -> dict:

@@ -217,6 +217,18 @@ def test_a_sqlite_file_that_is_not_a_memtrack_store_is_refused_when_reading(run)
         RunStore.open(run, create=False, readonly=True)
 
 
+def test_an_empty_database_left_by_a_kill_at_start_up_reads_as_no_results_and_resumes(run):
+    db = run / STORE_DIR / DB_NAME
+    db.parent.mkdir(parents=True)
+    sqlite3.connect(db).execute("PRAGMA journal_mode=WAL").fetchone()  # a file with no tables, as a kill leaves
+    with pytest.raises(StoreError, match="no memtrack results in .* yet") as err:
+        RunStore.open(run, create=False, readonly=True)
+    assert "memtrack scan" in err.value.hint
+    with RunStore.open(run) as store:  # the writer completes the schema and goes on
+        _record(store)
+    assert _counts(run) == (1, 2, 3)
+
+
 def test_schema_version_mismatch(run):
     RunStore.open(run).close()
     with sqlite3.connect(run / STORE_DIR / DB_NAME) as c:
