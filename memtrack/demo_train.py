@@ -12,6 +12,7 @@ final ``DDPMPipeline`` in the output folder -- so memtrack meets the same folder
 0 at the first checkpoint and clearly above it at the last, within a few minutes of training.
 
 Example:
+    >>> from pathlib import Path
     >>> from memtrack.demo_train import RECIPE, build_demo_dataset, train_demo
     >>> data = build_demo_dataset(Path("demo/data"), RECIPE["train"]["resolution"])
     >>> checkpoints = train_demo(data, Path("demo/run"), **RECIPE["train"])
@@ -21,13 +22,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from .data import open_image, read_dataset
-from .errors import CheckpointError, DataError, DependencyError
+from .errors import CheckpointError, ConfigError, DataError, DependencyError
 from .utils import atomic_path, atomic_write_text, get_logger, progress_bar
 
 logger = get_logger(__name__)
@@ -37,16 +38,19 @@ logger = get_logger(__name__)
 RECIPE: dict = {
     "train": {
         "resolution": 32,
-        "max_steps": 2400,
-        "checkpointing_steps": 300,
-        "batch_size": 32,
-        "lr": 1e-3,
+        "max_steps": 3000,
+        "checkpointing_steps": 375,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "lr_scheduler": "cosine",
         "lr_warmup_steps": 50,
         "use_ema": True,
         "ema_decay": 0.995,
         "seed": 0,
-        "block_out_channels": (32, 64, 64),
+        "block_out_channels": (16, 32, 64),
         "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "attention_levels": (1,),
     },
     "sampling": {"num_samples": 64, "num_inference_steps": 25, "scheduler": "ddim", "seed": 0},
 }
@@ -151,20 +155,24 @@ def _write_png(folder: Path, file_name: str, image: Image.Image, fields: dict) -
 # -------------------------------------------------------------------------------------------- training
 
 
-def build_unet(resolution: int, block_out_channels: tuple = (32, 64, 64), layers_per_block: int = 1):
-    """A small ``UNet2DModel`` with self-attention at the second resolution level only.
+def build_unet(resolution: int, block_out_channels: tuple = (16, 32, 64), layers_per_block: int = 1,
+               norm_num_groups: int = 8, attention_levels: tuple = ()):
+    """A small ``UNet2DModel``: self-attention in the middle block, and at the ``attention_levels`` given.
 
-    With the default channels it has 1.1M parameters; ``(4, 8)``-style channels make test-sized models.
+    ``attention_levels`` indexes ``block_out_channels`` (0 = full resolution). ``norm_num_groups`` must
+    divide every channel count. ``(4, 8)``-style channels make test-sized models.
     """
     from diffusers import UNet2DModel
 
     levels = len(block_out_channels)
-    down = ["AttnDownBlock2D" if i == 1 else "DownBlock2D" for i in range(levels)]
-    up = ["AttnUpBlock2D" if i == levels - 2 else "UpBlock2D" for i in range(levels)]
-    groups = math.gcd(*block_out_channels, 32)
+    down = ["AttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in range(levels)]
+    up = ["AttnUpBlock2D" if levels - 1 - i in attention_levels else "UpBlock2D" for i in range(levels)]
+    if any(c % norm_num_groups for c in block_out_channels):
+        raise ConfigError(f"norm_num_groups {norm_num_groups} must divide every block_out_channels entry, "
+                          f"got {tuple(block_out_channels)}")
     return UNet2DModel(sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=layers_per_block,
                        block_out_channels=tuple(block_out_channels), down_block_types=tuple(down),
-                       up_block_types=tuple(up), norm_num_groups=groups)
+                       up_block_types=tuple(up), norm_num_groups=norm_num_groups)
 
 
 def demo_scheduler():
@@ -210,14 +218,16 @@ def _save_hook(accelerator, ema) -> Callable:
 def _refuse_existing_checkpoints(output_dir: Path) -> None:
     old = sorted(p.name for p in output_dir.glob("checkpoint-*"))
     if old:
-        raise CheckpointError(f"{output_dir} already holds checkpoints ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''})",
-                        hint="choose an empty output folder or delete the old run first")
+        listed = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
+        raise CheckpointError(f"{output_dir} already holds checkpoints ({listed}); a new run would mix with them",
+                              hint="choose an empty output folder or delete the old run first")
 
 
 def train_demo(data_dir: Path, output_dir: Path, *, max_steps: int, checkpointing_steps: int, resolution: int,
-               batch_size: int, lr: float, use_ema: bool, ema_decay: float, seed: int, lr_warmup_steps: int = 0,
-               block_out_channels: tuple = (32, 64, 64), layers_per_block: int = 1,
-               progress: bool = True) -> list[Path]:
+               batch_size: int, lr: float, use_ema: bool, ema_decay: float, seed: int,
+               lr_scheduler: str = "constant_with_warmup", lr_warmup_steps: int = 0,
+               block_out_channels: tuple = (16, 32, 64), layers_per_block: int = 1, norm_num_groups: int = 8,
+               attention_levels: tuple = (), progress: bool = True) -> list[Path]:
     """Train the demo DDPM on CPU, saving ``checkpoint-N`` folders the way diffusers' scripts do.
 
     Every ``checkpointing_steps`` optimizer steps, ``accelerator.save_state(output_dir/"checkpoint-N")``
@@ -234,11 +244,13 @@ def train_demo(data_dir: Path, output_dir: Path, *, max_steps: int, checkpointin
         checkpointing_steps: save a checkpoint every this many steps.
         resolution: image side in pixels (the UNet's ``sample_size``).
         batch_size: images per step.
-        lr: AdamW learning rate (constant after ``lr_warmup_steps`` of linear warm-up).
+        lr: AdamW's peak learning rate.
+        lr_scheduler, lr_warmup_steps: the learning-rate schedule, a name ``diffusers.optimization.get_scheduler``
+            knows (the script's ``--lr_scheduler``: constant_with_warmup, cosine, linear, ...).
         use_ema: keep diffusers' ``EMAModel`` of the weights, saved as ``unet_ema/``.
         ema_decay: the EMA's maximum decay.
         seed: seeds the weights, the batch order, the noise and the timesteps.
-        block_out_channels, layers_per_block: the UNet's size (see :func:`build_unet`).
+        block_out_channels, layers_per_block, norm_num_groups, attention_levels: the UNet (see :func:`build_unet`).
         progress: show a progress bar (steps, rate, loss).
 
     Returns:
@@ -254,7 +266,7 @@ def train_demo(data_dir: Path, output_dir: Path, *, max_steps: int, checkpointin
     for name, value in (("max_steps", max_steps), ("checkpointing_steps", checkpointing_steps),
                         ("batch_size", batch_size)):
         if value <= 0:
-            raise DataError(f"{name} must be > 0, got {value}")
+            raise ConfigError(f"{name} must be > 0, got {value}")
     output_dir = Path(output_dir)
     _refuse_existing_checkpoints(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -262,19 +274,20 @@ def train_demo(data_dir: Path, output_dir: Path, *, max_steps: int, checkpointin
     # 1. the accelerator, seeds, model, EMA, noise schedule and optimizer, as in train_unconditional.py
     accelerator = Accelerator(cpu=True)
     set_seed(seed)
-    model = build_unet(resolution, block_out_channels, layers_per_block)
+    model = build_unet(resolution, block_out_channels, layers_per_block, norm_num_groups, attention_levels)
     ema = EMAModel(model.parameters(), decay=ema_decay, model_cls=type(model), model_config=model.config) if use_ema else None
     accelerator.register_save_state_pre_hook(_save_hook(accelerator, ema))
     noise_scheduler = demo_scheduler()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-6)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=lr_warmup_steps)
+    schedule = get_scheduler(lr_scheduler, optimizer=optimizer, num_warmup_steps=lr_warmup_steps,
+                             num_training_steps=max_steps)
 
     # 2. the data: the images repeated so that a batch can hold each of them several times
     images = _training_tensors(Path(data_dir), resolution, progress)
     repeats = max(1, math.ceil(batch_size / len(images)))
     loader = torch.utils.data.DataLoader(images.repeat(repeats, 1, 1, 1), batch_size=batch_size, shuffle=True,
                                          drop_last=True)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
 
     # 3. the loop: noise, predict it, step; checkpoint every checkpointing_steps
     checkpoints: list[Path] = []
@@ -283,14 +296,17 @@ def train_demo(data_dir: Path, output_dir: Path, *, max_steps: int, checkpointin
     model.train()
     while step < max_steps:
         for clean in loader:
-            loss = _train_step(model, clean, noise_scheduler, optimizer, lr_scheduler, accelerator)
+            loss = _train_step(model, clean, noise_scheduler, optimizer, schedule, accelerator)
             if ema is not None:
                 ema.step(model.parameters())
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if step % checkpointing_steps == 0 and accelerator.is_main_process:
-                accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+                # EMAModel.save_pretrained builds a fresh model (drawing random init weights): fork the RNG so
+                # the run is the same whatever the checkpoint cadence
+                with torch.random.fork_rng():
+                    accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
                 checkpoints.append(output_dir / f"checkpoint-{step}")
             if step >= max_steps:
                 break
