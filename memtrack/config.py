@@ -38,7 +38,6 @@ class DataConfig:
     max_image_pixels: int = _f(64_000_000, "images with more pixels are refused (decompression-bomb guard)")
     max_metadata_line_bytes: int = _f(1_000_000, "metadata lines longer than this are refused")
     follow_symlinks_outside: bool = _f(False, "allow files that resolve outside the dataset folder")
-    holdout_fraction: float = _f(0.0, "fraction of the training set held out (for the loss-gap probe)")
 
 
 @dataclass
@@ -237,6 +236,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     where = path or "config"
     if isinstance(data, cls):
         return data
+    if data is None:  # a YAML section whose fields are all commented out (``sampling:``): the defaults
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__} {_show(data)}"[:300])
     hints = typing.get_type_hints(cls)
@@ -288,8 +289,6 @@ def _validate(obj: Any, where: str) -> None:
         value = getattr(obj, name)
         if value <= 0:
             raise ConfigError(f"{where}.{name} must be > 0, got {_show(value)}")
-    if isinstance(obj, DataConfig) and not 0.0 <= obj.holdout_fraction < 1.0:
-        raise ConfigError(f"{where}.holdout_fraction must be in [0, 1), got {obj.holdout_fraction}")
     if isinstance(obj, DetectorsConfig):
         if not 0.0 < obj.identity_far < 1.0:
             raise ConfigError(f"{where}.identity_far must be in (0, 1), got {obj.identity_far}")

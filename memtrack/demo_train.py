@@ -301,7 +301,7 @@ def train_demo(data_dir: Path, output_dir: Path, *, max_steps: int, checkpointin
                 ema.step(model.parameters())
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if step % checkpointing_steps == 0 and accelerator.is_main_process:
                 # EMAModel.save_pretrained builds a fresh model (drawing random init weights): fork the RNG so
                 # the run is the same whatever the checkpoint cadence

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -55,7 +56,10 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
 
     if disable is None:
         disable = (not is_main_process()) or os.environ.get("MEMTRACK_NO_PROGRESS", "") not in ("", "0")
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, leave=False)
+    # in a log file (CI, nohup, a cluster job) a redraw is a new line: redraw every 30 s there, not 10x a second
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, leave=not tty,
+                mininterval=0.1 if tty else 30.0)
 
 
 @contextlib.contextmanager

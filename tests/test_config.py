@@ -89,7 +89,6 @@ def test_unknown_field_names_the_dotted_path(tmp_path):
     ("sampling", "num_samples", 0, "sampling.num_samples must be > 0"),
     ("detectors", "adaptive_alpha", 0, "detectors.adaptive_alpha must be > 0"),
     ("dynamics", "baseline_rate", 1.5, "dynamics.baseline_rate must be in [0, 1)"),
-    ("data", "holdout_fraction", -0.1, "data.holdout_fraction must be in [0, 1)"),
     ("index", "index_type", "annoy", "index.index_type must be one of auto, flat, hnsw, ivf_flat, ivf_pq"),
     ("index", "recall_target", 1.5, "index.recall_target must be in (0, 1]"),
     ("index", "memory_budget", "lots", "index.memory_budget: memory budget 'lots' is not a size"),
@@ -113,6 +112,14 @@ def test_literal_choices():
     assert "sampling.scheduler: must be one of 'ddim' | 'ddpm' | 'run', got 'euler'" in err.value.message
     with pytest.raises(ConfigError, match="sampling.dtype"):
         from_dict(Config, {"sampling": {"dtype": "float64"}})
+
+
+def test_a_section_with_every_field_commented_out_gives_its_defaults(tmp_path):
+    path = tmp_path / "sections.yaml"
+    path.write_text("sampling:\n  # num_samples: 64\ndata:\n  caption_column: caption\n")
+    cfg = load_config(path)
+    assert cfg.sampling == Config().sampling
+    assert cfg.data.caption_column == "caption"
 
 
 def test_a_section_must_be_a_mapping():

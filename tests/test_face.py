@@ -147,6 +147,25 @@ def test_assume_aligned_small_crops_keep_identity(reference):
     assert aligned.fingerprint["align"] == "assume_aligned" and "detector" not in aligned.fingerprint
 
 
+def test_assume_aligned_verifies_that_an_image_is_a_face(reference):
+    import skimage.data
+
+    ref, chips = reference
+    faces = [Image.fromarray(c).resize((32, 32), Image.Resampling.BICUBIC) for c in chips]
+    scenes = [Image.fromarray(getattr(skimage.data, n)()).convert("RGB").resize((32, 32)) for n in ("coffee", "chelsea", "rocket")]
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(60, 200, (32, 32, 3), dtype=np.uint8)) for _ in range(8)]
+    checked = FaceEmbedder(FaceOptions(align="assume_aligned"))
+    batch = checked.embed_faces(faces + scenes + noise)
+    assert batch.image_index.tolist() == [0, 1]  # the two face chips; no scene, no noise image
+    assert np.isfinite(batch.scores).all()  # the detector's scores, not NaN
+    unchecked = FaceEmbedder(FaceOptions(align="assume_aligned", verify=False))
+    assert unchecked.embed_faces(faces + scenes + noise).image_index.tolist() == list(range(13))
+    np.testing.assert_allclose(unchecked.embed(faces), checked.embed(faces), atol=1e-6)  # same chips, same vectors
+    assert checked.fingerprint["verify"]["size"] == 160 and unchecked.fingerprint["verify"] is False
+    assert checked.fingerprint != unchecked.fingerprint  # an index built one way refuses the other
+
+
 def test_grayscale_cmyk_exif_rotated_and_tiny_files(face, people, reference):
     ref, _ = reference
     hopper = people["hopper"]

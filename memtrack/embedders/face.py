@@ -26,7 +26,12 @@ VGGFace2 weights). :func:`memtrack.identity.calibrate_threshold` replaces it wit
 ``align: assume_aligned`` embeds the whole image as the aligned chip (resized to the chip size): for
 pre-aligned 32-64 px crops (CelebA/FFHQ style) where detectors find nothing. Measured (dlib): 32-px chips
 upsampled lie 0.35-0.39 from their own full-resolution chip and 0.68-0.70 from the other person; 24 px
-0.46-0.48 / 0.66; 16 px 0.58-0.60 / 0.62 -- identity is gone -- hence ``min_face = 20``.
+0.46-0.48 / 0.66; 16 px 0.58-0.60 / 0.62 -- identity is gone -- hence ``min_face = 20``. With
+``verify`` (the default) an image counts as a face only when the detector finds one in it resized to
+160 px. Measured on the demo (32-px chips, HOG): all 4 training face chips and none of its 4 scenes pass;
+of 32 samples of an early, still noisy checkpoint none pass -- without the check 6 of 64 such noise samples
+scored 0.55-0.60 from Grace Hopper, under dlib's 0.6, and were counted as identity leaks -- while 11 of 32
+samples of the last checkpoint, the faces among them, pass.
 
 Example:
     >>> from memtrack.data import open_image
@@ -54,6 +59,8 @@ from .base import Embedder, EmbedderOptions, l2_normalise
 
 _FACE_HINT = "pip install 'memtrack[face]'  (installs dlib-bin and face_recognition_models)"
 DLIB_PADDING = 0.25
+#: ``assume_aligned`` + ``verify``: the side an image is resized to before the detector looks for a face in it.
+VERIFY_SIZE = 160
 # insightface's ArcFace template for a 112-px chip: eye centres, nose tip, mouth corners (face_align.py)
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
@@ -111,6 +118,10 @@ class FaceOptions(EmbedderOptions):
         min_score: detection score threshold (dlib's ``adjust_threshold``; 0.0 is dlib's default).
         min_face: faces whose box (detect) or image short side (assume_aligned) is smaller, in pixels, are
             dropped: below ~20 px identity does not survive (module docstring).
+        verify: with ``assume_aligned``, keep an image as a face only when the detector finds a face in it
+            resized to 160 px (a face chip then fills the detector's 80-px window). Without this check every
+            image is "a face": a recogniser places noise and scenes somewhere, sometimes within the threshold
+            of a training identity (module docstring). Turn off only for sets the detector cannot read.
         model_path: ArcFace ONNX file; FaceNet ``state_dict`` file; for dlib an optional folder of ``.dat``
             files (default: the installed face_recognition_models package).
         device: ``cpu`` or ``cuda[:N]`` for ArcFace (onnxruntime) and FaceNet (torch); dlib-bin is CPU-only.
@@ -122,6 +133,7 @@ class FaceOptions(EmbedderOptions):
     upsample: int = 1
     min_score: float = 0.0
     min_face: int = 20
+    verify: bool = True
     model_path: Optional[str] = None
     device: str = "cpu"
 
@@ -216,10 +228,11 @@ class FaceEmbedder(Embedder):
             image = image.convert("RGB")
             w, h = image.size
             if o.align == "assume_aligned":
-                if min(w, h) >= max(o.min_face, 1):
+                score = self._verify(image) if o.verify else np.nan
+                if min(w, h) >= max(o.min_face, 1) and score is not None:
                     chip = image if image.size == (s, s) else image.resize((s, s), Image.Resampling.BICUBIC)
                     chips.append(np.asarray(chip, dtype=np.uint8))
-                    index.append(i), boxes.append((0, 0, w, h)), scores.append(np.nan)
+                    index.append(i), boxes.append((0, 0, w, h)), scores.append(score)
                 continue
             rgb = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
             models = self._models
@@ -231,6 +244,12 @@ class FaceEmbedder(Embedder):
         return AlignedFaces(np.stack(chips) if chips else np.zeros((0, s, s, 3), np.uint8),
                             np.asarray(index, dtype=np.int64), np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                             np.asarray(scores, dtype=np.float32), len(images))
+
+    def _verify(self, image: Image.Image) -> float | None:
+        """The best detector score of a face in ``image`` resized to :data:`VERIFY_SIZE`, or None: no face."""
+        rgb = np.asarray(image.resize((VERIFY_SIZE, VERIFY_SIZE), Image.Resampling.BICUBIC), dtype=np.uint8)
+        found = self._models.detect(np.ascontiguousarray(rgb), 0, self.options.min_score, 0)
+        return max(score for _, score in found) if found else None
 
     def embed_chips(self, chips: np.ndarray) -> np.ndarray:
         """Embed aligned chips ``uint8 [m, s, s, 3]`` (e.g. from :meth:`detect_and_align`): ``float32 [m, d]``."""
@@ -270,6 +289,8 @@ class FaceEmbedder(Embedder):
     def _fingerprint_extra(self) -> dict:
         o = self.options
         fp = {"backend": o.backend, "align": o.align, "chip_size": self.chip_size, "min_face": o.min_face}
+        if o.align == "assume_aligned":
+            fp["verify"] = {"detector": o.detector, "size": VERIFY_SIZE, "min_score": o.min_score} if o.verify else False
         if o.align == "detect":
             lm = _LANDMARKS[self.recognizer.landmark_points]
             fp.update({"detector": o.detector, "upsample": o.upsample, "min_score": o.min_score,
