@@ -147,9 +147,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         import numpy as np
 
+        # 16-bit samples are on a 0..65535 scale: map that range onto 0..255, as image viewers do, so a dark
+        # 16-bit image stays dark (scaling by its own maximum would brighten it). 32-bit "I" images beyond
+        # 16 bits have no standard scale; they are clipped.
         arr = np.asarray(im, dtype=np.float64)
-        hi = arr.max() or 1.0
-        im = Image.fromarray((arr / hi * 255.0).astype("uint8"), "L")
+        im = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype("uint8"), "L")
     return im.convert("RGB")
 
 

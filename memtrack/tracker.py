@@ -144,13 +144,17 @@ class Tracker:
         if not _is_main(self.accelerator):
             return EvalResult(ck.step, ck.name, n_samples=len(samples.images), skipped=True,
                               reason="not the main process")
+        timings = {"sampling": time.perf_counter() - t0}
         # 2-4. embed, search, detect
-        outputs = self.assess(samples.images)
+        outputs = self.assess(samples.images, timings=timings)
         # 5. aggregate
         agg = aggregate(outputs, self.index.train_ids, seeds=samples.seeds)
         # 5b. the sampling-free probes (loss gap, noise magnitude) on the same weights
+        t_probe = time.perf_counter()
         probes = run_probes(pipe, self.config, self._loss_gap_probe,
                             [it.prompt for it in samples.items if it.prompt is not None])
+        if probes:
+            timings["probes"] = time.perf_counter() - t_probe
         result = EvalResult(ck.step, ck.name, agg["metrics"], agg["top_matches"], agg["distinct_train_images"],
                             len(samples.images), time.perf_counter() - t0, probes=probes)
         # 6. store (thumbnails first, then one transaction)
@@ -158,28 +162,38 @@ class Tracker:
             rows = self._sample_rows(samples, outputs, ck, key)
             info = {"checkpoint": ck.to_dict(), "top_matches": agg["top_matches"],
                     "distinct_train_images": agg["distinct_train_images"],
-                    "thresholds": thresholds_block(outputs, self.config), **probes}
+                    "thresholds": thresholds_block(outputs, self.config),
+                    "timings": {k: round(v, 3) for k, v in timings.items()}, **probes}
             self.store.record(step=ck.step, checkpoint=ck.name, weights=ck.weights_name, eval_key=key,
                               metrics=agg["metrics"], samples=rows, info=info, duration_s=result.duration_s)
         # 7. log next to the training loss
         self._log(result)
         return result
 
-    def assess(self, images: Sequence[Image.Image]) -> list[DetectorOutput]:
-        """Embed ``images`` in every space, fetch their top-k training candidates, run the detectors."""
+    def assess(self, images: Sequence[Image.Image], timings: dict | None = None) -> list[DetectorOutput]:
+        """Embed ``images`` in every space, fetch their top-k training candidates, run the detectors.
+
+        ``timings``, when given, receives the seconds each space took (embed + search) and the detectors'.
+        """
+        timings = {} if timings is None else timings
         evidence: dict[str, SpaceEvidence] = {}
         for emb in self.embedders:
+            t0 = time.perf_counter()
             space = self.index.spaces[emb.name]
             if hasattr(emb, "embed_faces"):  # several faces per image, compared by identity
                 evidence[emb.name] = face_evidence(self.index, emb, images, self.config)
-                continue
-            query = np.asarray(emb.embed(list(images)), dtype=np.float32)
-            k = self._k(emb.name)
-            _, ids = self.index.search(emb.name, query, k)
-            shape = (3, emb.options.resolution, emb.options.resolution) if emb.name == "pixel" else None
-            evidence[emb.name] = SpaceEvidence(space.metric, query, self.index.record_rows(emb.name, ids),
-                                               self.index.candidates(emb.name, ids), shape)
-        return run_detectors(evidence, self.config.detectors)
+            else:
+                query = np.asarray(emb.embed(list(images)), dtype=np.float32)
+                k = self._k(emb.name)
+                _, ids = self.index.search(emb.name, query, k)
+                shape = (3, emb.options.resolution, emb.options.resolution) if emb.name == "pixel" else None
+                evidence[emb.name] = SpaceEvidence(space.metric, query, self.index.record_rows(emb.name, ids),
+                                                   self.index.candidates(emb.name, ids), shape)
+            timings[emb.name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outputs = run_detectors(evidence, self.config.detectors)
+        timings["detectors"] = time.perf_counter() - t0
+        return outputs
 
     def step(self, global_step: int, *, unet=None, text_encoder=None, pipeline=None,
              force: bool = False) -> EvalResult | None:

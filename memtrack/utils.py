@@ -59,7 +59,7 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
     # in a log file (CI, nohup, a cluster job) a redraw is a new line: redraw every 30 s there, not 10x a second
     tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, leave=not tty,
-                mininterval=0.1 if tty else 30.0)
+                mininterval=0.1 if tty else 30.0, maxinterval=10.0 if tty else 60.0)
 
 
 @contextlib.contextmanager

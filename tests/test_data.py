@@ -233,6 +233,13 @@ def test_16_bit_grayscale_maps_full_range_to_8_bit(tmp_path):
     assert np.abs(out[..., 0] - ramp / 257.0).max() <= 1.0
 
 
+def test_a_dark_16_bit_image_stays_dark(tmp_path):
+    dark = np.full((8, 8), 5140, np.uint16)  # 5140 / 65535 = 20 / 255
+    dark[0, 0] = 10280
+    out = np.asarray(_open_saved(tmp_path, Image.fromarray(dark), "dark.png"), int)
+    assert out[1, 1].tolist() == [20, 20, 20] and out[0, 0].tolist() == [40, 40, 40]
+
+
 def test_exif_orientation_is_applied(tmp_path):
     stored = Image.new("RGB", (20, 10), (0, 0, 255))
     stored.paste((255, 0, 0), (0, 0, 6, 5))     # red in the stored top-left corner

@@ -34,6 +34,10 @@ def test_scan_stores_every_checkpoint_once_and_resumes(tiny_run, pixel_index, ca
     assert [s["seed"] for s in samples] == list(range(6))
     assert all((store.folder / s["thumb"]).is_file() for s in samples)
     assert store.integrity_ok()
+    for e in evs:  # where each evaluation's time went, stage by stage
+        t = e.info["timings"]
+        assert set(t) == {"sampling", "pixel", "detectors"} and all(v >= 0 for v in t.values())
+        assert t["sampling"] > 0 and sum(t.values()) <= e.duration_s + 1e-3
     store.close()
     capsys.readouterr()
     # a second scan evaluates nothing again

@@ -51,6 +51,7 @@ def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | 
             "path": info.get("checkpoint", {}).get("path"), "metrics": ev.metrics,
             "distinct_train_images": info.get("distinct_train_images", 0),
             "top_matches": info.get("top_matches", []), "duration_s": ev.duration_s,
+            "timings": info.get("timings", {}),
             **{k: info[k] for k in ("loss_gap", "noise_magnitude") if k in info},
         })
     skipped = [{"step": e.step, "checkpoint": e.checkpoint, "reason": e.reason}
