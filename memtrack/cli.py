@@ -6,13 +6,13 @@ interrupted. Errors print one sentence and a hint; ``MEMTRACK_DEBUG=1`` shows th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import textwrap
 from pathlib import Path
 
 from .errors import ConfigError, MemtrackError
+from .utils import to_json
 
 EPILOG = """\
 examples:
@@ -120,14 +120,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plugins():
     """Sub-commands contributed by other modules (watch, launch): (name, module with add_parser/run)."""
-    out = []
-    try:
-        from .integrations import cli as integ
+    from .integrations import cli as integ  # stdlib only at import time: an ImportError here is a bug, not optional
 
-        out.append(("integrations", integ))
-    except ImportError:
-        pass
-    return out
+    return [("integrations", integ)]
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -169,7 +164,7 @@ def cmd_index_build(args) -> int:
         ref = ref.add(read_dataset(args.data, cfg.data), embedders, _add_config(ref, args))
         print(f"added {ref.n_train - before} training images from {args.data} to {args.out}")
         if args.json:
-            print(json.dumps(_index_info(ref), indent=2))
+            print(to_json(_index_info(ref), indent=2))
         else:
             _print_index(_index_info(ref))
         return 0
@@ -181,7 +176,7 @@ def cmd_index_build(args) -> int:
         return 0
     info = _index_info(ref)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(to_json(info, indent=2))
     else:
         print(f"indexed {ref.n_train} training images from {args.data} into {args.out}")
         _print_index(info)
@@ -228,7 +223,7 @@ def cmd_index_info(args) -> int:
 
     info = _index_info(ReferenceIndex.open(args.index))
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(to_json(info, indent=2))
     else:
         print(f"{info['path']}: {info['n_train']} training images")
         _print_index(info)
@@ -247,7 +242,7 @@ def cmd_scan(args) -> int:
         for ck in cks:
             res = tracker.evaluate(ck, force=args.force)
             if args.json:
-                print(json.dumps({"step": res.step, "checkpoint": res.checkpoint, "cached": res.cached,
+                print(to_json({"step": res.step, "checkpoint": res.checkpoint, "cached": res.cached,
                                   "skipped": res.skipped, "reason": res.reason, "metrics": res.metrics}), flush=True)
             else:
                 print(_scan_line(res), flush=True)
@@ -282,7 +277,7 @@ def cmd_status(args) -> int:
 
     summary = run_summary(args.run, store_dir=args.store, with_index=False)
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(to_json(summary, indent=2, default=str))
     else:
         print(render_table(summary))
     return 0
@@ -293,15 +288,20 @@ def cmd_check(args) -> int:
 
     result = check_folder(args.images, args.index, args.config)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(to_json(result, indent=2))
         return 0
-    for im in result["images"]:
+    images = result["images"]
+    wide = max([len("image")] + [len(im["file"]) for im in images])
+    near = max([len("nearest training image")] + [len(im["matches"][0]["train_id"]) for im in images if im["matches"]])
+    print(f"{'image':<{wide}}  {'nearest training image':<{near}}  flagged by")
+    for im in images:
         flags = [n for n, f in im["flags"].items() if f]
-        verdict = ", ".join(flags) if flags else "no match"
         best = im["matches"][0]["train_id"] if im["matches"] else "-"
-        print(f"{im['file']:<40} {verdict:<32} nearest {best}")
+        print(f"{im['file']:<{wide}}  {best:<{near}}  {', '.join(flags) if flags else '-'}")
+    print()
+    name_w = max([len(n) for n in result["rates"]] + [8])
     for name, r in result["rates"].items():
-        print(f"{name:<16} {r['count']}/{r['n']} = {r['rate']:.3f}  95% CI [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+        print(f"{name:<{name_w}}  {r['count']}/{r['n']} = {r['rate']:.3f}  95% CI [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
     for s in result.get("skipped", []):
         print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import sys
@@ -106,7 +107,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, to_json(obj, indent=2) + "\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with numpy values made plain and NaN / infinity made ``None``.
+
+    Python's ``json`` writes NaN as the bare word ``NaN``, which is not JSON: ``jq``, JavaScript's
+    ``JSON.parse`` and most other parsers reject the whole file. An undefined value (the mean score of a
+    detector that saw no face) is ``null`` in everything memtrack writes for others to read.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str) else str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    try:
+        return json_safe(_json_default(obj))
+    except TypeError:
+        return obj  # left to json.dumps's own ``default=``, or its TypeError
+
+
+def to_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``obj`` (see :func:`json_safe`); ``kwargs`` go to ``json.dumps``."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
 def _json_default(obj: Any) -> Any:

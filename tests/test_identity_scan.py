@@ -79,3 +79,25 @@ def test_identities_block_first_steps_and_pairs():
     assert block["blended"] == [{"pair": "Ada + Bo", "first_step": 200, "checkpoints": 1}]
     assert [c["metrics"]["distinct_identities"]["count"] for c in cks] == [0, 1, 2]
     assert identities_block([{"step": 1, "metrics": {}}], None) == {}
+
+
+def _strict(text: str):
+    """Parse as JSON the way jq and JavaScript do: the bare words NaN / Infinity are errors."""
+    import json
+
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_check_json_is_strict_json_when_scores_are_undefined(face_ref, tmp_path, capsys):
+    from memtrack.cli import main
+
+    data, ref_dir = face_ref
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    Image.open(data / "coffee.png").convert("RGB").save(gen / "scene.png")  # no face: identity scores undefined
+    assert main(["check", str(gen), "--index", str(ref_dir), "--json"]) == 0
+    out = _strict(capsys.readouterr().out)
+    scores = out["images"][0]["scores"]
+    assert scores["identity_leak"] is None and scores["nn_ratio"] is not None

@@ -15,6 +15,19 @@ def scanned(tiny_run, pixel_index):
     return tiny_run
 
 
+def _refuse(word):
+    raise ValueError(f"{word} is not JSON (jq and JavaScript reject it)")
+
+
+def test_json_output_has_no_nan_or_infinity():
+    import numpy as np
+
+    from memtrack.utils import to_json
+
+    text = to_json({"mean": float("nan"), "hi": np.float32("inf"), "v": np.arange(2), 3: [np.nan, 1.5]})
+    assert json.loads(text, parse_constant=_refuse) == {"mean": None, "hi": None, "v": [0, 1], "3": [None, 1.5]}
+
+
 def test_report_writes_html_and_summary(scanned, tmp_path, capsys):
     out = tmp_path / "out" / "report.html"
     assert main(["report", str(scanned), "--out", str(out)]) == 0
@@ -22,7 +35,7 @@ def test_report_writes_html_and_summary(scanned, tmp_path, capsys):
     assert "nn_ratio" in printed and f"wrote {out}" in printed
     html = out.read_text()
     assert not re.findall(r'(?:src|href)\s*=\s*["\']\s*(?:https?:)?//', html)
-    summary = json.loads((out.parent / "summary.json").read_text())
+    summary = json.loads((out.parent / "summary.json").read_text(), parse_constant=_refuse)  # strict JSON
     assert [c["step"] for c in summary["checkpoints"]] == [10, 20, 30]
     assert summary["index"]["n_train"] == 6 and summary["dataset"]["n_train"] == 6
     assert summary["thresholds"]["nn_ratio"]["source"] == "default"

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from ..utils import to_json
 
 WATCH_EPILOG = """\
 examples:
@@ -98,7 +99,7 @@ def cmd_watch(args) -> int:
     finally:
         tracker.close()
     if args.json:
-        print(json.dumps({"results": [r.to_dict() for r in watcher.results]}, default=str))
+        print(to_json({"results": [r.to_dict() for r in watcher.results]}, default=str))
     return 0
 
 
@@ -126,7 +127,7 @@ def cmd_launch(args) -> int:
                     in_process=args.in_process, stop_on=args.stop_on, store=args.store,
                     on_result=None if args.json else lambda ck, r: print("memtrack " + _line(r), flush=True))
     if args.json:
-        print(json.dumps(result.to_dict(), default=str))
+        print(to_json(result.to_dict(), default=str))
     else:
         for res in result.results if args.in_process else []:
             print("memtrack " + _line(res))
