@@ -10,9 +10,10 @@ the loss-gap onset (``memtrack.probes``: held-out minus train denoising loss on 
 and the per-seed trajectories. Bonnaire et al. 2025 and Favero et al. 2025 report tau_mem growing about
 linearly with n; the script fits the log-log slope and says what it found.
 
-Each run lasts ``--steps-per-image`` x n steps (at least ``--min-steps``): the learning rate is constant
-after warm-up, so the first s steps of a run do not depend on its length -- a longer window only watches
-longer -- nor, once :func:`isolate_checkpoint_rng` is applied, on the checkpoint interval. Prints a table; saves a plot (``--out``); the last line is one JSON object.
+Each run lasts ``--steps-per-image`` x n steps (at least ``--min-steps``). The learning rate is held
+constant after warm-up here (the demo's own recipe decays it on a cosine over the run), so the first s
+steps of a run do not depend on its length -- a longer window only watches longer -- nor, since
+``train_demo`` saves checkpoints under a forked RNG, on the checkpoint interval. Prints a table; saves a plot (``--out``); the last line is one JSON object.
 
     python benchmarks/onset_vs_size.py --sizes 4 8 16 --out onset_vs_size.png [--threads 1]
 
@@ -47,29 +48,6 @@ def write_set(folder: Path, images: list) -> Path:
     return folder
 
 
-def isolate_checkpoint_rng() -> None:
-    """Make saving a checkpoint leave the training RNG alone.
-
-    ``EMAModel.save_pretrained`` (diffusers 0.42) builds a fresh model with ``from_config``, whose random
-    initialisation draws from torch's global generator: every checkpoint saved with EMA shifts the noise
-    and timesteps of all later training steps, so the same run checkpointed every 50 or every 100 steps
-    trains differently. Runs compared here must differ in n only, so the save runs under ``fork_rng``.
-    """
-    import torch
-    from diffusers.training_utils import EMAModel
-
-    save = EMAModel.save_pretrained
-    if getattr(save, "_isolated", False):
-        return
-
-    def isolated(self, path):
-        with torch.random.fork_rng(devices=[]):
-            return save(self, path)
-
-    isolated._isolated = True
-    EMAModel.save_pretrained = isolated
-
-
 def run_size(n: int, seed: int, args, pool: list, heldout: list, root: Path) -> dict:
     from memtrack.checkpoints import discover
     from memtrack.data import read_dataset
@@ -86,7 +64,8 @@ def run_size(n: int, seed: int, args, pool: list, heldout: list, root: Path) -> 
     base = root / f"n{n}-seed{seed}"
     data = write_set(base / "data", pool[:n])
     train = dict(RECIPE["train"], resolution=args.resolution, checkpointing_steps=args.checkpointing_steps,
-                 max_steps=max(args.min_steps, args.steps_per_image * n), seed=seed)
+                 max_steps=max(args.min_steps, args.steps_per_image * n), seed=seed,
+                 lr_scheduler="constant_with_warmup")
     t0 = time.perf_counter()
     train_demo(data, base / "run", progress=False, **train)
     t_train = time.perf_counter() - t0
@@ -221,7 +200,6 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    isolate_checkpoint_rng()
     pool, heldout = photos.split(args.resolution)
     if max(args.sizes) > len(pool):
         ap.error(f"--sizes go up to {len(pool)} (the photograph pool), got {max(args.sizes)}")

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -245,7 +246,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     unknown = [k for k in data if k not in fields]
     if unknown:
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"{where}: unknown field {_show(unknown[0])}", hint=f"known fields here: {known}")
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1) if isinstance(unknown[0], str) else []
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{where}: unknown field {_show(unknown[0])}", hint=f"{guess}known fields here: {known}")
     kwargs = {}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name

@@ -21,3 +21,34 @@ def test_readme_quickstart_commands_exist():
         assert cmd in readme
         assert (ROOT / cmd.split()[1]).is_file()
     assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every ``memtrack ...`` command line in the README's code blocks (continuations joined)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    blocks = text.split("```")[1::2]
+    lines = []
+    for block in blocks:
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.strip().removeprefix("$ ")
+            if line.startswith("memtrack "):
+                line = line.split("  #")[0].split(" # ")[0]
+                lines.append(shlex.split(line)[1:])
+    return lines
+
+
+def test_every_readme_command_parses():
+    """The README's commands are accepted by the real argument parser (they are not run: they name files)."""
+    from memtrack.cli import _parser
+
+    commands = _readme_commands()
+    assert len(commands) >= 15
+    parser = _parser()
+    for argv in commands:
+        if argv[:1] == ["launch"]:  # everything after `--` is the training command, passed through
+            argv = argv[:argv.index("--")] if "--" in argv else argv
+        args = parser.parse_args(argv)
+        assert args.command == argv[0], argv
