@@ -272,6 +272,27 @@ def list_images(root: Path) -> list[Path]:
     return out
 
 
+def read_entries(ds: Dataset, root: Path, entries: list, cfg: DataConfig, check_images: bool,
+                 show_progress: bool) -> None:
+    """Hash (and decode-check) each ``(path, caption, identity)`` entry into ``ds``: a record, or a skip."""
+    for path, caption, identity in progress_bar(entries, desc="reading training set", unit="img",
+                                                disable=None if show_progress else True):
+        rel = path.relative_to(root).as_posix()
+        try:
+            if check_images:
+                sha, w, h = _hash_and_check(path, cfg)
+            else:
+                _require_regular_file(path)
+                sha, w, h = hashlib.sha256(path.read_bytes()).hexdigest(), 0, 0
+        except DataError as exc:
+            ds.skipped.append(Skipped(rel, exc.message))
+            continue
+        except OSError as exc:
+            ds.skipped.append(Skipped(rel, f"cannot read: {exc.strerror or exc}"))
+            continue
+        ds.records.append(Record(rel, str(path), sha, caption, identity, w, h))
+
+
 def read_dataset(root: str | Path, cfg: DataConfig | None = None, *, check_images: bool = True,
                  show_progress: bool = True) -> Dataset:
     """Read a training set folder into :class:`Record` objects.
@@ -322,22 +343,7 @@ def read_dataset(root: str | Path, cfg: DataConfig | None = None, *, check_image
                         hint=f"memtrack reads {', '.join(sorted(IMAGE_EXTENSIONS))} files, recursively")
 
     ds = Dataset(root=str(root), layout=layout)
-    for path, caption, identity, where in progress_bar(entries, desc="reading training set", unit="img",
-                                                       disable=None if show_progress else True):
-        rel = path.relative_to(root).as_posix()
-        try:
-            if check_images:
-                sha, w, h = _hash_and_check(path, cfg)
-            else:
-                _require_regular_file(path)
-                sha, w, h = hashlib.sha256(path.read_bytes()).hexdigest(), 0, 0
-        except DataError as exc:
-            ds.skipped.append(Skipped(rel, exc.message))
-            continue
-        except OSError as exc:
-            ds.skipped.append(Skipped(rel, f"cannot read: {exc.strerror or exc}"))
-            continue
-        ds.records.append(Record(rel, str(path), sha, caption, identity, w, h))
+    read_entries(ds, root, [e[:3] for e in entries], cfg, check_images, show_progress)
     if ds.skipped:
         logger.warning("skipped %d unreadable file(s) in %s, e.g. %s: %s", len(ds.skipped), root,
                        ds.skipped[0].path, ds.skipped[0].reason)

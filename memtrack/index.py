@@ -25,7 +25,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -42,9 +41,9 @@ from . import index_faiss as fx
 from . import shards as sh
 from .config import Config
 from .data import Dataset, Record
-from .detectors import exact_rms_distances, summarise
 from .embedders import Embedder, fingerprint_diff
 from .errors import DataError, FingerprintMismatch, IndexError_
+from .index_space import _baseline_meta, _embedded_in_memory, _prepare, _storage, _write_space
 from .utils import atomic_write_json, get_logger
 
 logger = get_logger(__name__)
@@ -82,150 +81,6 @@ class Space:
     @property
     def rerank(self) -> int:
         return int(self.info.get("rerank", 1))
-
-
-# ------------------------------------------------------------------------------------- faiss helpers
-
-
-def _faiss():
-    return ic.faiss_module()
-
-
-def make_faiss_index(metric: str, dim: int, n: int, index_type: str = "flat", memory_budget: int | None = None):
-    """The (untrained) faiss index for a space: ``flat`` is exact; ``auto`` chooses by size (docs/scale.md)."""
-    return ic.make_index(ic.choose_index(n, dim, memory_budget, index_type), metric, dim)
-
-
-def _prepare(metric: str, vectors: np.ndarray, divisor: float) -> np.ndarray:
-    x = np.ascontiguousarray(np.asarray(vectors).astype(np.float32) / np.float32(divisor))
-    if metric == "cosine":
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return x
-
-
-# -------------------------------------------------------------------------------------------- build
-
-
-def _storage(emb: Embedder) -> tuple[float, str]:
-    """(divisor, dtype) of a space's stored vectors: the pixel space keeps exact uint8 pixels."""
-    return (255.0, "uint8") if emb.metric == "l2" and emb.name == "pixel" else (1.0, "float32")
-
-
-def _to_stored(emb: Embedder, vec: np.ndarray) -> np.ndarray:
-    divisor, dtype = _storage(emb)
-    if dtype == "uint8":
-        return np.rint(vec * 255.0).clip(0, 255).astype(np.uint8)
-    return vec.astype(np.float32)
-
-
-def _nearest_other(metric: str, stored, divisor: float, qids: np.ndarray, search, k: int, rms: bool,
-                   exclude_self: bool = True) -> np.ndarray:
-    """For each query vector ``stored[qids]``: its statistic to the nearest *other* candidate that
-    ``search(prepared queries, k) -> (scores, candidate ids)`` proposes, re-checked exactly.
-
-    ``search`` may return ids of another array than ``stored`` (``exclude_self=False``, ``fetch`` below)."""
-    out = np.full(len(qids), np.nan)
-    for s in range(0, len(qids), 256):
-        ids_q = qids[s:s + 256]
-        raw_q = np.asarray(stored[ids_q], dtype=np.float64) / divisor
-        cand_ids, cand = search(_prepare(metric, stored[ids_q], divisor), k)
-        valid = cand_ids >= 0
-        if exclude_self:
-            valid &= cand_ids != ids_q[:, None]
-        if metric == "cosine":
-            qn = raw_q / np.maximum(np.linalg.norm(raw_q, axis=1, keepdims=True), 1e-12)
-            cn = cand / np.maximum(np.linalg.norm(cand, axis=2, keepdims=True), 1e-12)
-            stat = np.where(valid, np.einsum("nd,nkd->nk", qn, cn), -np.inf).max(1)
-        else:
-            d = np.where(valid, exact_rms_distances(raw_q, cand), np.inf)
-            stat = d.min(1) * (1.0 if rms else np.sqrt(cand.shape[2]))
-        out[s:s + 256] = np.where(valid.any(1), stat, np.nan)
-    return out
-
-
-def _candidates_of(stored, divisor: float, index_search):
-    """A ``search`` for :func:`_nearest_other` over ``stored``: candidate ids and their raw values."""
-    def search(q, k):
-        _, ids = index_search(q, k)
-        return ids, np.asarray(stored[np.where(ids >= 0, ids, 0).reshape(-1)], np.float64).reshape(
-            *ids.shape, -1) / divisor
-    return search
-
-
-def _baseline(metric: str, vectors: np.ndarray, divisor: float, faiss_index, k: int, rms: bool = True) -> np.ndarray:
-    """Each vector's statistic to its nearest *other* training vector (exact re-check on candidates).
-
-    cosine spaces: the top cosine similarity (Somepalli et al.'s train->train baseline);
-    l2 spaces: the distance to the nearest other vector -- RMS per pixel for the pixel space (``rms``),
-    plain Euclidean otherwise (face descriptors, whose thresholds are Euclidean).
-    ``faiss_index`` is anything with ``search(queries, k) -> (scores, ids)``.
-    """
-    m = len(vectors)
-    if m < 2:
-        return np.full(m, np.nan)
-    search = _candidates_of(vectors, divisor, faiss_index.search)
-    return _nearest_other(metric, vectors, divisor, np.arange(m), search, min(k + 1, m), rms)
-
-
-class _Searcher:
-    """``search(q, k)`` of a space's faiss index, with exact re-ranking where the codes are approximate."""
-
-    def __init__(self, index, metric: str, fetch, rerank: int):
-        self.index, self.metric, self.fetch, self.rerank = index, metric, fetch, rerank
-
-    def search(self, q: np.ndarray, k: int):
-        return ic.search_reranked(self.index, self.fetch, self.metric, q, k, self.rerank)
-
-
-def _write_space(tmp: Path, emb: Embedder, stored, rows: np.ndarray, records: Sequence[Record],
-                 config: Config) -> dict:
-    """Index, tune, baseline and save one space into ``tmp``; returns its manifest entry + baseline."""
-    icfg = config.index
-    divisor, dtype = _storage(emb)
-    # 1. choose, train and fill the faiss index (on-disk inverted lists when over the memory budget)
-    built = fx.build_faiss(tmp, emb.name, emb.metric, emb.dim, stored, lambda x: _prepare(emb.metric, x, divisor),
-                           icfg)
-    fetch = lambda ids: _prepare(emb.metric, stored[np.asarray(ids)], divisor)  # noqa: E731
-    # 2. search parameters tuned to the recall target, recall measured against exact search
-    recall = fx.tune_built(built, emb.metric, fetch, len(stored), icfg)
-    searcher = _Searcher(built.index, emb.metric, fetch, recall.rerank)
-    # 3. the train->train baseline
-    base = _baseline(emb.metric, stored, divisor, searcher, 1, rms=emb.name == "pixel")
-    identity_meta = None
-    # 4. identities and the calibrated verification threshold (face spaces)
-    if hasattr(emb, "embed_faces"):
-        from .identity_index import build_identity
-
-        arrays, identity_meta = build_identity(records, np.asarray(stored), rows, emb, config)
-        for key, arr in arrays.items():
-            np.save(tmp / f"{emb.name}.{key}.npy", arr)
-    if not (tmp / f"{emb.name}.vectors.npy").exists():
-        np.save(tmp / f"{emb.name}.vectors.npy", stored)
-    np.save(tmp / f"{emb.name}.rows.npy", rows)
-    np.save(tmp / f"{emb.name}.baseline.npy", base)
-    fx.write_built(built, tmp / f"{emb.name}.faiss")
-    meta = {"fingerprint": emb.fingerprint, "options": dataclasses.asdict(emb.options),
-            "metric": emb.metric, "dim": emb.dim, "n_vectors": int(len(stored)), "dtype": dtype,
-            "divisor": divisor, "index_type": type(built.index).__name__, **built.meta(),
-            **_recall_meta(recall)}
-    return {"meta": meta, "baseline": base, "identity": identity_meta}
-
-
-def _recall_meta(recall) -> dict:
-    return {"recall_at_k": round(recall.recall_at_k, 4), "recall_at_1": round(recall.recall_at_1, 4),
-            "rerank": recall.rerank, "search_params": recall.params, "recall": recall.to_dict()}
-
-
-def _baseline_meta(emb_name: str, metric: str, base: np.ndarray) -> dict:
-    stat = ("cosine to nearest other" if metric == "cosine" else "RMS pixel distance to nearest other"
-            if emb_name == "pixel" else "distance to nearest other")
-    return {"statistic": stat, **summarise(base)}
-
-
-def _embedded_in_memory(emb, records, config):
-    vec, rows, failed = sh.embed_records(emb, records, config.index.batch_size, config.data.max_image_pixels,
-                                         config.index.read_workers)
-    return _to_stored(emb, vec), rows, failed
 
 
 class ReferenceIndex:

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import index_choice as ic
 from . import index_faiss as fx
+from . import index_space as spaces
 from .config import Config, from_dict
 from .data import Dataset, Record
 from .errors import IndexError_
@@ -50,7 +51,7 @@ def add_to_index(ref, data: Dataset | Sequence[Record], embedders: Sequence, con
         for emb in embedders:
             meta, base, failed, identity = _add_space(ref, emb, new, records, config, tmp)
             manifest["spaces"][emb.name] = meta
-            manifest["baseline"][emb.name] = ix._baseline_meta(emb.name, emb.metric, base)
+            manifest["baseline"][emb.name] = spaces._baseline_meta(emb.name, emb.metric, base)
             if identity is not None:
                 manifest["identity"] = identity
             failed_all.update({f.path: f for f in failed})
@@ -103,12 +104,10 @@ def _refuse_duplicates(ref, new: Sequence[Record]) -> None:
 
 def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: Config, tmp: Path):
     """Append one space's new vectors and rewrite its files in ``tmp``."""
-    from . import index as ix
-
     sp = ref.spaces[emb.name]
     n_old_records, m_old = len(ref.records), len(sp.vectors)
     # 1. embed the new images (rows continue after the old records)
-    vec, rows, failed = ix._embedded_in_memory(emb, new, config)
+    vec, rows, failed = spaces._embedded_in_memory(emb, new, config)
     rows = np.asarray(rows, np.int64) + n_old_records
     if hasattr(emb, "embed_faces"):
         from .identity_index import select_faces
@@ -125,14 +124,14 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     del dest
     stored = np.load(path, mmap_mode="r")
     all_rows = np.concatenate([sp.rows, rows])
-    prepare = lambda x: ix._prepare(sp.metric, x, sp.divisor)  # noqa: E731
+    prepare = lambda x: spaces._prepare(sp.metric, x, sp.divisor)  # noqa: E731
     fetch = lambda ids: prepare(stored[np.asarray(ids)])  # noqa: E731
     # 3. the faiss index, extended
     index = _extend_faiss(ref.path, tmp, emb.name, sp.info, stored, m_old, prepare)
     # 4. recall, re-tuned only if the update pushed it below the target
     recall = fx.remeasure(index, sp.info.get("index_kind", "flat"), sp.info, sp.metric, fetch, len(stored),
                           config.index)
-    searcher = ix._Searcher(index, sp.metric, fetch, recall.rerank)
+    searcher = spaces._Searcher(index, sp.metric, fetch, recall.rerank)
     # 5. baseline: new vectors against all; old vectors against the new ones (the nearest other may be new)
     base = _updated_baseline(ref, emb, sp, stored, m_old, searcher)
     identity = None
@@ -146,7 +145,7 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     np.save(tmp / f"{emb.name}.baseline.npy", base)
     ic.faiss_module().write_index(index, str(tmp / f"{emb.name}.faiss"))
     _note_if_outgrown(emb.name, sp.info, len(stored), config)
-    meta = {**sp.info, "n_vectors": int(len(stored)), **ix._recall_meta(recall)}
+    meta = {**sp.info, "n_vectors": int(len(stored)), **spaces._recall_meta(recall)}
     return meta, base, failed, identity
 
 
@@ -169,29 +168,27 @@ def _extend_faiss(old_dir: Path, tmp: Path, name: str, info: dict, stored, m_old
 
 
 def _updated_baseline(ref, emb, sp, stored, m_old: int, searcher) -> np.ndarray:
-    from . import index as ix
-
     rms = emb.name == "pixel"
     m = len(stored)
     old_base = np.asarray(ref.baseline_values(emb.name), np.float64)
     if m - m_old == 0:
         return old_base
-    search_all = ix._candidates_of(stored, sp.divisor, searcher.search)
-    new_base = ix._nearest_other(sp.metric, stored, sp.divisor, np.arange(m_old, m), search_all, min(2, m), rms)
+    search_all = spaces._candidates_of(stored, sp.divisor, searcher.search)
+    new_base = spaces._nearest_other(sp.metric, stored, sp.divisor, np.arange(m_old, m), search_all, min(2, m), rms)
     if m_old == 0:
         return new_base
     # exact: every old vector against every new one (cost m_old x m_new x dim)
     faiss = ic.faiss_module()
     flat = faiss.IndexFlatIP(sp.dim) if sp.metric == "cosine" else faiss.IndexFlatL2(sp.dim)
     new_stored = stored[m_old:]
-    flat.add(ix._prepare(sp.metric, new_stored, sp.divisor))
+    flat.add(spaces._prepare(sp.metric, new_stored, sp.divisor))
 
     def search_new(q, k):
         _, ids = flat.search(q, k)
         vals = np.asarray(new_stored[np.where(ids >= 0, ids, 0).reshape(-1)], np.float64)
         return ids, vals.reshape(*ids.shape, -1) / sp.divisor
 
-    via_new = ix._nearest_other(sp.metric, stored, sp.divisor, np.arange(m_old), search_new, 1, rms,
+    via_new = spaces._nearest_other(sp.metric, stored, sp.divisor, np.arange(m_old), search_new, 1, rms,
                                 exclude_self=False)
     combine = np.fmax if sp.metric == "cosine" else np.fmin
     return np.concatenate([combine(old_base, via_new), new_base])

@@ -13,6 +13,7 @@ DreamBooth and LoRA checkpoints plug in without an if/elif chain here.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -159,6 +160,35 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+_EMA_KEYS = {"decay", "inv_gamma", "min_decay", "optimization_step", "power", "update_after_step", "use_ema_warmup"}
+
+
+@contextlib.contextmanager
+def _quiet_ema_config(cls, config: dict):
+    """Silence diffusers' "config attributes ... will be ignored" warning for ``unet_ema/`` folders.
+
+    ``EMAModel.save_pretrained`` writes its own settings (decay, optimization_step, ...) into the model's
+    config.json; diffusers ignores them when loading, correctly, but warns once per checkpoint. Only that
+    case is silenced: a config with any other unexpected key still warns.
+    """
+    import logging
+
+    import inspect
+
+    expected = set(inspect.signature(cls.__init__).parameters)
+    extra = {k for k in config if not k.startswith("_")} - expected
+    log = logging.getLogger("diffusers.configuration_utils")
+    if not extra or not extra <= _EMA_KEYS:
+        yield
+        return
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 def load_unet(folder: Path, dtype: str = "float32"):
     """Load a diffusers model saved with ``save_pretrained`` -- safetensors preferred.
 
@@ -186,7 +216,8 @@ def load_unet(folder: Path, dtype: str = "float32"):
     if not safetensors:
         _refuse_pickled_code(folder)
     try:
-        return cls.from_pretrained(folder, torch_dtype=_torch_dtype(dtype), use_safetensors=safetensors)
+        with _quiet_ema_config(cls, config):
+            return cls.from_pretrained(folder, torch_dtype=_torch_dtype(dtype), use_safetensors=safetensors)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the model in {folder}: {exc}",
                               hint="the checkpoint may be half-written or corrupt") from None

@@ -28,8 +28,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, Optional
 
 from .config import DataConfig
-from .data import (IMAGE_EXTENSIONS, Dataset, Record, Skipped, _hash_and_check, _optional_text, _resolve_entry,
-                   open_image)
+from .data import (IMAGE_EXTENSIONS, Dataset, Record, Skipped, _optional_text, _resolve_entry, open_image,
+                   read_entries)
 from .errors import DataError, DependencyError
 from .utils import get_logger, progress_bar
 
@@ -243,19 +243,5 @@ def _read_parquet(path: Path, cfg: DataConfig, check_images: bool, show_progress
         seen.add(file.as_posix())
         entries.append((file, _optional_text(row, cfg.caption_column, where),
                         _optional_text(row, cfg.identity_column, where)))
-    for file, caption, identity in progress_bar(entries, desc="reading training set", unit="img",
-                                                disable=None if show_progress else True):
-        rel = file.relative_to(root).as_posix()
-        try:
-            if check_images:
-                sha, w, h = _hash_and_check(file, cfg)
-            else:
-                sha, w, h = hashlib.sha256(file.read_bytes()).hexdigest(), 0, 0
-        except DataError as exc:
-            ds.skipped.append(Skipped(rel, exc.message))
-            continue
-        except OSError as exc:
-            ds.skipped.append(Skipped(rel, f"cannot read: {exc.strerror or exc}"))
-            continue
-        ds.records.append(Record(rel, str(file), sha, caption, identity, w, h))
+    read_entries(ds, root, entries, cfg, check_images, show_progress)
     return ds

@@ -25,7 +25,7 @@ from .checkpoints import Checkpoint
 from .config import Config, load_config
 from .detectors import DetectorOutput, SpaceEvidence, run_detectors
 from .embedders import Embedder, get_embedder
-from .errors import CheckpointError, ConfigError, MemtrackError
+from .errors import CheckpointError, ConfigError
 from .identity_index import face_evidence  # also registers the identity detectors
 from .index import ReferenceIndex
 from .metrics import aggregate, per_sample_rows

@@ -109,3 +109,36 @@ def test_recipe_matches_train_demo_arguments():
     params = inspect.signature(train_demo).parameters
     assert set(RECIPE["train"]) <= set(params)
     assert RECIPE["train"]["max_steps"] // RECIPE["train"]["checkpointing_steps"] >= 5
+
+
+def test_loading_ema_weights_does_not_warn_about_emas_own_config_keys(demo_data, tmp_path):
+    import logging
+
+    from memtrack.sampling import load_unet
+
+    class Records(logging.Handler):  # diffusers' own handler may hold another test's captured stderr
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    cps = train_demo(demo_data, tmp_path / "run", max_steps=2, checkpointing_steps=2, use_ema=True, **TINY)
+    ema = cps[0] / "unet_ema"
+    assert "optimization_step" in json.loads((ema / "config.json").read_text())  # EMAModel wrote its settings
+    log = logging.getLogger("diffusers.configuration_utils")
+    seen, level = Records(), log.level
+    log.addHandler(seen)
+    log.setLevel(logging.WARNING)
+    try:
+        load_unet(ema)
+        assert not [m for m in seen.messages if "were passed to UNet2DModel" in m]
+        config = json.loads((ema / "config.json").read_text())
+        config["not_a_unet_option"] = 1  # anything else unexpected still warns
+        (ema / "config.json").write_text(json.dumps(config))
+        load_unet(ema)
+        assert [m for m in seen.messages if "not_a_unet_option" in m]
+    finally:
+        log.removeHandler(seen)
+        log.setLevel(level)

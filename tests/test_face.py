@@ -18,6 +18,7 @@ pytest.importorskip("dlib")
 from memtrack.data import open_image  # noqa: E402
 from memtrack.embedders import get_embedder  # noqa: E402
 from memtrack.embedders import face as face_module  # noqa: E402
+from memtrack.embedders import face_backends  # noqa: E402
 from memtrack.embedders.face import FaceEmbedder, FaceOptions, dlib_model_dir  # noqa: E402
 from memtrack.errors import ConfigError, DependencyError  # noqa: E402
 from memtrack.identity import identity_interpolation, identity_leak  # noqa: E402
@@ -258,10 +259,10 @@ def test_arcface_onnx_path_with_a_tiny_random_model(tmp_path, people):
 
 def test_arcface_alignment_puts_landmarks_on_the_template():
     rng = np.random.default_rng(0)
-    src = face_module.ARCFACE_TEMPLATE + rng.normal(0, 1.0, (5, 2))
+    src = face_backends.ARCFACE_TEMPLATE + rng.normal(0, 1.0, (5, 2))
     theta, scale, shift = 0.3, 2.5, np.array([40.0, -7.0])
     rot = scale * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    m = face_module._similarity(src @ rot.T + shift, src)
+    m = face_backends._similarity(src @ rot.T + shift, src)
     np.testing.assert_allclose((src @ rot.T + shift) @ m[:, :2].T + m[:, 2], src, atol=1e-9)
 
 

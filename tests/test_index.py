@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from conftest import write_training_set
-from memtrack.config import Config, EmbedderSpec
 from memtrack.data import read_dataset
 from memtrack.embedders import get_embedder
 from memtrack.errors import DataError, FingerprintMismatch, IndexError_
@@ -87,12 +86,12 @@ def test_overwrite_replaces_atomically(tmp_path, train_dir):
 
 
 def test_failed_build_leaves_nothing(tmp_path, train_dir, monkeypatch):
-    import memtrack.index as index_mod
+    import memtrack.index_space as space_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(index_mod, "_baseline", boom)
+    monkeypatch.setattr(space_mod, "_baseline", boom)
     with pytest.raises(RuntimeError):
         ReferenceIndex.build(read_dataset(train_dir), [get_embedder({"name": "pixel", "resolution": 16})],
                              tmp_path / "ref")

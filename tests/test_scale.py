@@ -133,13 +133,18 @@ def test_recall_is_measured_and_tuned_to_the_target():
     assert ic.measure_recall(search, fetch, len(x), "cosine", 10, qids)[0] < 0.95
 
 
-def test_unreachable_target_warns_never_silently(caplog):
+def _coarse_pq_index():
+    """A deliberately coarse IVF-PQ index over clustered vectors (its recall needs tuning), its data, a fetch."""
     faiss = ic.faiss_module()
     x = clustered(4000, 32, 20, noise=1.0)
     index = faiss.index_factory(32, "IVF16,PQ4x4", faiss.METRIC_INNER_PRODUCT)
     index.train(x)
     index.add(x)
-    fetch = lambda ids: x[np.asarray(ids)]  # noqa: E731
+    return index, x, lambda ids: x[np.asarray(ids)]
+
+
+def test_unreachable_target_warns_never_silently(caplog):
+    index, x, fetch = _coarse_pq_index()
     with caplog.at_level(logging.WARNING, logger="memtrack"):
         res = ic.tune(index, "ivf_pq", lambda q, k, r: index.search(q, k)[1], fetch, len(x), "cosine", 10, 0.99, 200)
     assert not res.met and res.recall_at_k < 0.99
@@ -147,12 +152,7 @@ def test_unreachable_target_warns_never_silently(caplog):
 
 
 def test_pq_rerank_reaches_the_target():
-    faiss = ic.faiss_module()
-    x = clustered(4000, 32, 20, noise=1.0)
-    index = faiss.index_factory(32, "IVF16,PQ4x4", faiss.METRIC_INNER_PRODUCT)
-    index.train(x)
-    index.add(x)
-    fetch = lambda ids: x[np.asarray(ids)]  # noqa: E731
+    index, x, fetch = _coarse_pq_index()
     res = ic.tune(index, "ivf_pq", lambda q, k, r: ic.search_reranked(index, fetch, "cosine", q, k, r)[1],
                   fetch, len(x), "cosine", 10, 0.95, 200, rerank_options=(8, 32))
     assert res.met and res.rerank in (8, 32)

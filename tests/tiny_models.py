@@ -66,7 +66,7 @@ def write_tiny_clip(folder: str | Path, *, name: str = "tiny-clip", image_size: 
 def write_tiny_sd(folder: Path) -> Path:
     """A tiny random Stable Diffusion pipeline (16 px, offline tokenizer) saved as a local base model."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
