@@ -15,6 +15,16 @@ def test_config_reference_is_current():
         "docs/config.md is stale: run python scripts/gen_config_doc.py"
 
 
+def test_every_embedder_option_is_documented():
+    spec = importlib.util.spec_from_file_location("gen_config_doc", ROOT / "scripts" / "gen_config_doc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.embedder_rows()
+    assert any(r.startswith("| `face.verify` | `true` |") for r in rows)
+    undocumented = [r.split("|")[1].strip() for r in rows if not r.rstrip(" |").split("|")[-1].strip()]
+    assert not undocumented, f"options without a meaning: {undocumented}"
+
+
 def test_readme_quickstart_commands_exist():
     readme = (ROOT / "README.md").read_text()
     for cmd in ("bash scripts/demo.sh", "bash scripts/test.sh"):

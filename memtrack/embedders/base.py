@@ -19,7 +19,11 @@ Metric = Literal["cosine", "l2"]
 
 @dataclasses.dataclass
 class EmbedderOptions:
-    """Options common to every embedder; subclasses add their own fields."""
+    """Options common to every embedder; subclasses add their own fields.
+
+    Args:
+        batch_size: images per forward pass.
+    """
 
     batch_size: int = 64
 

@@ -24,6 +24,15 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 
 @dataclass
 class PixelOptions(EmbedderOptions):
+    """Options of the ``pixel`` embedder.
+
+    Args:
+        resolution: side of the square the image is resized to; use the training resolution (Carlini et al.
+            and Gu et al. compare in the model's own pixel space).
+        crop: ``center`` resizes the shorter side and centre-crops; ``none`` squashes to a square.
+        resample: the resampling filter.
+    """
+
     resolution: int = 32
     crop: Literal["center", "none"] = "center"
     resample: Literal["bicubic", "bilinear", "lanczos", "nearest"] = "bicubic"
