@@ -53,7 +53,8 @@ def make_summary(run: str = XSS_RUN, *, shift: int = 0, seed: int = 0, with_iden
             metrics["identity_leak"] = _block(0 if step < 6000 else (step - 5500) // 500, n, rng)
         metrics["distinct_train_images"] = {"count": copies // 2}
         cps.append({"step": step, "checkpoint": f"checkpoint-{step}", "n_samples": n, "weights": "unet_ema",
-                    "path": f"/runs/x/checkpoint-{step}",
+                    "path": f"/runs/x/checkpoint-{step}", "duration_s": 7.0 + step / 10000,
+                    "timings": {"sampling": 5.0, "pixel": 0.01, "clip": 1.5 + step / 10000, "detectors": 0.02},
                     "metrics": metrics, "distinct_train_images": copies // 2,
                     "top_matches": [{"seed": 17, "train_id": XSS_FILE, "detector": "nn_ratio", "score": 0.12,
                                      "threshold": 1 / 3, "direction": "below"}] if copies else []})

@@ -79,6 +79,7 @@ def test_header_shows_index_thresholds_and_their_source(page):
     assert '<span class="badge calibrated">calibrated</span>' in page
     assert '<span class="badge default">default</span>' in page
     assert "score &lt; 0.333" in page and "score &gt; 0.5" in page
+    assert "7.4 s per checkpoint (median of 16): sampling 5.0 s · clip 1.9 s" in page
 
 
 def test_self_contained(page):

@@ -10,6 +10,8 @@ Example:
 """
 from __future__ import annotations
 
+import statistics
+
 from .html_charts import curves_section, distributions_section, run_names, trajectories_section
 from .html_gallery import identities_section, matches_section
 from .html_probes import probes_section
@@ -152,8 +154,25 @@ def _setup(summary: dict) -> Raw:
     grid = facts([("run", summary.get("run")), ("dataset", data_line), ("model", model_line or None),
                   ("index", f"{index.get('path', '')} · {index.get('n_train', '?')} training images"
                    if index else None),
-                  ("sampling", _pairs(summary.get("sampling"))), ("onset rule", _onset_rule(summary))])
+                  ("sampling", _pairs(summary.get("sampling"))), ("onset rule", _onset_rule(summary)),
+                  ("evaluation time", _eval_time(summary))])
     return section("setup", "Set-up", grid, _spaces_table(index), _thresholds_table(summary), _skipped(summary))
+
+
+def _eval_time(summary: dict) -> str | None:
+    """Median seconds per checkpoint evaluation, and where they went (stages by median, largest first)."""
+    cps = [c for c in summary.get("checkpoints") or [] if isinstance(c.get("duration_s"), (int, float))]
+    if not cps:
+        return None
+    stages: dict[str, list] = {}
+    for c in cps:
+        for name, sec in (c.get("timings") or {}).items():
+            if isinstance(sec, (int, float)):
+                stages.setdefault(name, []).append(float(sec))
+    parts = sorted(((statistics.median(v), k) for k, v in stages.items()), reverse=True)
+    detail = " · ".join(f"{k} {v:.1f} s" for v, k in parts)
+    total = statistics.median(float(c["duration_s"]) for c in cps)
+    return f"{total:.1f} s per checkpoint (median of {len(cps)})" + (f": {detail}" if detail else "")
 
 
 def _pairs(block: dict | None) -> str | None:
