@@ -254,3 +254,20 @@ def test_nice_ticks_and_empty_charts():
     assert svg.nice_ticks(500, 8000)[0] == 0 and svg.nice_ticks(500, 8000)[-1] >= 8000
     assert svg.line_chart([], title="x") == "" and svg.histogram([], title="x", xlabel="x") == ""
     assert svg.heatmap([], [], {}, title="x") == ""
+
+
+def test_a_rise_that_falls_back_is_named_but_is_not_an_onset():
+    def cp(step, rate, low):
+        return {"step": step, "n_samples": 64, "metrics": {
+            "identity_interpolation": {"rate": rate, "ci_low": low, "ci_high": rate + 0.1, "count": 1, "n": 64},
+            "nn_ratio": {"rate": 0.0, "ci_low": 0.0, "ci_high": 0.06, "count": 0, "n": 64}}}
+    s = {"run": "r", "checkpoints": [cp(375, 0.0, 0.0), cp(750, 0.078, 0.034), cp(1125, 0.078, 0.034),
+                                     cp(1500, 0.031, 0.0086), cp(1875, 0.016, float("nan"))],
+         "onset": {"identity_interpolation": {"step": None, "between": None}, "nn_ratio": {"step": None}},
+         "onset_rule": {"baseline_rate": 0.01, "persistence": 2}}
+    text = onset_sentences(s)
+    assert text[0] == "No onset detected for any metric through step 1,875."
+    assert text[1] == ("Identity blending (identity_interpolation) rose above 1% at 2 checkpoints between steps 750 "
+                       "and 1,125 (peak 7.8% at step 750) but did not stay above it, so no onset is declared.")
+    assert len(text) == 2  # nn_ratio never rose: nothing more is said about it
+    assert "(peak 7.8% at step 750) but did not stay above it, so no onset is declared." in render_html(s, [])

@@ -141,7 +141,31 @@ def onset_sentences(summary: dict) -> list[str]:
         sentences.append(f"No onset detected for {what}{through}.")
     elif not began and not leaked:
         sentences.append(f"No onset detected{through}." if cps else "No checkpoints evaluated yet.")
+    sentences += transient_sentences(summary, clean)
     return sentences
+
+
+def transient_sentences(summary: dict, metrics: list[str]) -> list[str]:
+    """For metrics without an onset that still rose above the baseline somewhere: where, how high, and
+    that it fell back -- e.g. blends that appear while a model learns two faces, then give way to copies."""
+    base = (summary.get("onset_rule") or {}).get("baseline_rate")
+    if base is None:
+        return []
+    out = []
+    for m in metrics:
+        above = [(c["step"], c["metrics"][m]) for c in checkpoints(summary)
+                 if isinstance((c.get("metrics") or {}).get(m), dict)
+                 and isinstance(c["metrics"][m].get("ci_low"), (int, float)) and c["metrics"][m]["ci_low"] > base]
+        if not above:
+            continue
+        peak_step, peak = max(above, key=lambda sm: (sm[1].get("rate") or 0, -sm[0]))
+        where = (f"at step {fmt_step(above[0][0])}" if len(above) == 1 else
+                 f"at {len(above)} checkpoints between steps {fmt_step(above[0][0])} and {fmt_step(above[-1][0])}")
+        name = label(m)
+        out.append(f"{name[:1].upper() + name[1:]} rose above {fmt_pct(base)} {where} "
+                   f"(peak {fmt_pct(peak.get('rate'))} at step {fmt_step(peak_step)}) but did not stay above it, "
+                   "so no onset is declared.")
+    return out
 
 
 def _order(metric: str) -> tuple[int, str]:
