@@ -3,7 +3,8 @@
 Synthetic clustered, L2-normalised vectors (CLIP-like, cosine space): ``--n`` training vectors around
 ``--n / 100`` centres, and ``--queries`` queries -- half near-copies of training vectors (what a memorized
 sample looks like), half fresh draws from the same mixture (an ordinary sample). The baseline searches the
-way Somepalli et al.'s code does: ``torch.mm`` of a query chunk against all training features, then topk.
+way Somepalli et al.'s code does: ``torch.mm`` of query chunks against the training features, then topk
+(the features read in blocks of 1M, the running top-k merged, so sets larger than memory work too).
 memtrack's path is :mod:`memtrack.index_choice`: choose by size and memory budget, train on a sample, fill,
 tune nprobe/efSearch to ``--recall-target`` recall@k on 1,000 held-out training vectors, search (with exact
 re-ranking for PQ codes). Reported: recall@1 and recall@k against the brute-force truth (tie-aware), the
