@@ -84,7 +84,7 @@ def brute_force(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 128, db_block
     queries = torch.from_numpy(np.ascontiguousarray(q))
     with torch.inference_mode():
         for b in range(0, len(x), db_block):
-            db = torch.from_numpy(np.ascontiguousarray(x[b:b + db_block]))
+            db = torch.from_numpy(np.array(x[b:b + db_block], dtype=np.float32))  # a writable copy of the block
             for s in range(0, len(q), chunk):
                 top = torch.mm(queries[s:s + chunk], db.T).topk(min(k, len(db)), dim=1)
                 both_s = torch.cat([scores[s:s + chunk], top.values], 1)
