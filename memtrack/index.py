@@ -277,7 +277,8 @@ class ReferenceIndex:
         return {"path": str(self.path), "n_train": self.n_train,
                 "n_skipped": len(self.manifest.get("skipped", [])),
                 "spaces": {n: {**s.fingerprint, "index_type": s.info.get("index_type"),
-                               "n_vectors": s.info.get("n_vectors"), "recall_at_k": s.info.get("recall_at_k"),
+                               "n_vectors": s.info.get("n_vectors"), "views": int(s.info.get("views", 1)),
+                               "recall_at_k": s.info.get("recall_at_k"),
                                "search_params": s.info.get("search_params", {})}
                            for n, s in self.spaces.items()}}
 
