@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     b = isub.add_parser("build", help="embed a training set and build its reference index",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="examples:\n  memtrack index build data/train --out ref/ --embedders pixel,clip\n"
+                               "  memtrack index build data/train --out ref/ --resolution 64 --center-crop --random-flip\n"
                                "  memtrack index build shards/ --out ref/ --index-type auto --memory-budget 16GB\n"
                                "  memtrack index build data/new --out ref/ --add\n"
                                "  accelerate launch --num_processes 4 -m memtrack index build data/ --out ref/")

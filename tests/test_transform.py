@@ -439,7 +439,12 @@ def test_run_transform_is_recorded_in_summary_json(tmp_path):
     assert block["run"]["interpolation"]["value"] == "bilinear"  # no image_interpolation_mode argument recorded
     assert "no image_interpolation_mode argument" in block["run"]["interpolation"]["source"]
     assert summary["index"]["spaces"]["pixel"]["transform"]["crop"] == "random"
+    assert summary["index"]["spaces"]["pixel"]["views"] == max(np.bincount(ref.spaces["pixel"].rows))
     json.dumps(summary)
+    from memtrack.report.html import render_html
+
+    page = render_html(summary, [])
+    assert "training transform" in page and "crop random (hparams:" in page
 
 
 # ------------------------------------------------------------------------------------- end to end
