@@ -241,9 +241,10 @@ def test_crops_between_stored_offsets_are_found_and_aligned_exactly(tmp_path):
     assert ref.record_rows("pixel", ids)[0, 0] == 0
     nearest = np.sqrt(np.mean((ref.candidates("pixel", ids)[0, 0] - q[0]) ** 2))
     assert 0 < nearest < 0.1
-    d, offset, mirrored, vec = emb.best_aligned(image, q[0])
-    assert (d, offset, mirrored) == (0.0, 3, True) and np.abs(vec - q[0]).max() == 0
-    assert emb.best_aligned(image, q[0], near=4)[:3] == (0.0, 3, True)
+    best = emb.best_aligned(image, q[0])
+    assert (best.distance, best.offset, best.mirrored) == (0.0, 3, True) and np.abs(best.vector - q[0]).max() == 0
+    near = emb.best_aligned(image, q[0], near=4)
+    assert (near.distance, near.offset, near.mirrored) == (0.0, 3, True)
 
 
 def test_crop_offsets():
@@ -472,3 +473,22 @@ def test_detectors_flag_a_flipped_copy_only_when_the_index_has_mirrored_views(tm
         assert not verdicts[False][name].flagged.any(), name
         assert verdicts[True][name].flagged.all(), name
         assert (verdicts[True][name].match == np.arange(len(NAMES))).all(), name
+
+
+def test_an_index_from_before_the_transform_was_recorded_is_refused(tmp_path):
+    """Indexes built when the pixel space resized bicubic with no transform record: rebuild, not a silent scan."""
+    from memtrack.tracker import embedders_for
+
+    ref = _index_for(tmp_path, resolution=16)
+    mpath = ref.path / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    sp = manifest["spaces"]["pixel"]
+    sp["options"] = {"batch_size": 64, "resolution": 16, "crop": "center", "resample": "bicubic"}
+    sp["fingerprint"] = {"name": "pixel", "metric": "l2", "dim": 768, "resolution": 16, "crop": "center",
+                         "resample": "bicubic", "scale": "[0,1] from uint8", "layout": "CHW"}
+    mpath.write_text(json.dumps(manifest))
+    old = ReferenceIndex.open(ref.path)
+    emb = embedders_for(old, Config())[0]
+    assert emb.options.interpolation == "bicubic"
+    with pytest.raises(FingerprintMismatch, match="transform: index has None"):
+        old.check_embedder(emb)

@@ -114,6 +114,23 @@ def tv_interpolation(name: str):
     return getattr(transforms.InterpolationMode, name.upper())
 
 
+@dataclass
+class AlignedView:
+    """The best-aligned view of a training image for a query (:meth:`PixelEmbedder.best_aligned`).
+
+    Attributes:
+        distance: RMS pixel distance in [0, 1] (0: the query reproduces this view exactly).
+        offset: the crop's offset along the resized image's long side, in training pixels.
+        mirrored: the view is the mirror image.
+        vector: the view's pixel vector, ``float32 [dim]``.
+    """
+
+    distance: float
+    offset: int
+    mirrored: bool
+    vector: np.ndarray
+
+
 def crop_offsets(long: int, size: int, stride: int) -> list[int]:
     """Offsets along a side of ``long`` pixels at which a ``size`` crop is indexed: every ``stride``-th,
     and always the last one (``RandomCrop`` draws from ``0 .. long - size``)."""
@@ -157,11 +174,16 @@ class PixelEmbedder(Embedder):
         size = (r, r) if self.options.crop == "none" else r
         return transforms.Resize(size, interpolation=tv_interpolation(self.options.interpolation))(self.rgb(image))
 
+    def centre(self, width: int, height: int) -> tuple[int, int]:
+        """``(top, left)`` of the centre crop, rounded as torchvision's ``CenterCrop`` rounds it."""
+        r = self.train_resolution
+        return int(round((height - r) / 2.0)), int(round((width - r) / 2.0))
+
     def origins(self, width: int, height: int) -> list[tuple[int, int]]:
         """``(top, left)`` of every indexed crop of a resized ``width x height`` image."""
         r = self.train_resolution
-        if self.options.crop != "random":  # centre, as torchvision's CenterCrop rounds it
-            return [(int(round((height - r) / 2.0)), int(round((width - r) / 2.0)))]
+        if self.options.crop != "random":
+            return [self.centre(width, height)]
         if width >= height:
             return [(0, x) for x in crop_offsets(width, r, self.crop_stride)]
         return [(y, 0) for y in crop_offsets(height, r, self.crop_stride)]
@@ -174,7 +196,7 @@ class PixelEmbedder(Embedder):
         if flipped:
             view = F.hflip(view)
         if self.resolution != r:
-            view = view.resize((self.resolution, self.resolution), Image.Resampling.BILINEAR)
+            view = view.resize((self.resolution, self.resolution), Image.Resampling[REDUCE.upper()])
         return view
 
     def views(self, image: Image.Image) -> list[Image.Image]:
@@ -186,9 +208,7 @@ class PixelEmbedder(Embedder):
     def canonical(self, image: Image.Image) -> Image.Image:
         """The query view: centre crop, not mirrored."""
         big = self.resized(image)
-        r = self.train_resolution
-        top, left = int(round((big.size[1] - r) / 2.0)), int(round((big.size[0] - r) / 2.0))
-        return self.crop(big, top, left, False)
+        return self.crop(big, *self.centre(*big.size), False)
 
     # ------------------------------------------------------------------------------------- vectors
     @staticmethod
@@ -216,10 +236,9 @@ class PixelEmbedder(Embedder):
         return ReferenceVectors(vec, np.asarray(index, dtype=np.int64))
 
     # --------------------------------------------------------------------------------- exact check
-    def best_aligned(self, image: Image.Image, query: np.ndarray, *, near: Optional[int] = None
-                     ) -> tuple[float, int, bool, np.ndarray]:
+    def best_aligned(self, image: Image.Image, query: np.ndarray, *, near: Optional[int] = None) -> AlignedView:
         """The view of training ``image`` closest to ``query`` over *every* crop offset (stride 1) and both
-        mirrors: ``(RMS distance, offset along the long side, mirrored, vector)``.
+        mirrors (when the run flips).
 
         The exact check behind ``crop: random`` when the indexed offsets are ``crop_stride > 1`` apart (a
         pixel space smaller than the training resolution): the index proposes the training image from its
@@ -237,13 +256,13 @@ class PixelEmbedder(Embedder):
         if near is not None:
             boxes = [b for b in boxes if abs(along(*b) - near) <= self.crop_stride] or boxes
         q = np.asarray(query, dtype=np.float64).reshape(-1)
-        best = (math.inf, 0, False, q)
+        best = AlignedView(math.inf, 0, False, np.zeros(self.dim, np.float32))
         for flipped in ((False, True) if self.options.flip else (False,)):
             for top, left in boxes:
                 vec = self._vectors([self.crop(big, top, left, flipped)])[0]
                 d = float(np.sqrt(np.mean((vec.astype(np.float64) - q) ** 2)))
-                if d < best[0]:
-                    best = (d, along(top, left), flipped, vec)
+                if d < best.distance:
+                    best = AlignedView(d, along(top, left), flipped, vec)
         return best
 
     # ------------------------------------------------------------------------------- fingerprint
