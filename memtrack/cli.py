@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     b = isub.add_parser("build", help="embed a training set and build its reference index",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="examples:\n  memtrack index build data/train --out ref/ --embedders pixel,clip\n"
-                               "  memtrack index build data/train --out ref/ --resolution 64 --center-crop --random-flip\n"
+                               "  memtrack index build data/train --out ref/ --resolution 64 --center-crop "
+                               "--random-flip\n"
                                "  memtrack index build shards/ --out ref/ --index-type auto --memory-budget 16GB\n"
                                "  memtrack index build data/new --out ref/ --add\n"
                                "  accelerate launch --num_processes 4 -m memtrack index build data/ --out ref/")
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "webdataset .tar shards, or a .parquet list of paths")
     b.add_argument("--out", required=True, help="index folder to write")
     b.add_argument("--embedders", help="comma-separated spaces, e.g. pixel,clip,face (default: config or pixel)")
-    b.add_argument("--resolution", type=int, help="pixel space resolution (default 32)")
+    b.add_argument("--resolution", type=int, help="pixel space resolution (default 32, or --train-resolution "
+                                                  "when that is smaller)")
     b.add_argument("--config", help="YAML config file")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     b.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
@@ -160,7 +162,8 @@ def cmd_index_build(args) -> int:
 
     transform = {"data.transform.resolution": args.train_resolution, "data.transform.crop": args.crop,
                  "data.transform.flip": args.random_flip, "data.transform.interpolation": args.interpolation}
-    if args.add and (args.overwrite or args.shard_dir or args.index_type or any(v is not None for v in transform.values())):
+    transform_flags = any(v is not None for v in transform.values())
+    if args.add and (args.overwrite or args.shard_dir or args.index_type or transform_flags):
         raise ConfigError("--add cannot be combined with --overwrite, --shard-dir, --index-type or the transform flags",
                           hint="--add extends the index at --out as it was built")
     cfg = load_config(args.config, {"index.index_type": args.index_type, "index.memory_budget": args.memory_budget,

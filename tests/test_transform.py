@@ -403,7 +403,8 @@ def test_scan_cli_refuses_a_mismatching_run_with_exit_2(tmp_path, capsys):
     ref = _index_for(tmp_path, resolution=16)
     run = tmp_path / "run"
     write_checkpoint(run, 2, seed=0)
-    _hparams(run, {"resolution": 16, "center_crop": False, "random_flip": False, "image_interpolation_mode": "bilinear"})
+    _hparams(run, {"resolution": 16, "center_crop": False, "random_flip": False,
+                   "image_interpolation_mode": "bilinear"})
     assert main(["scan", str(run), "--index", str(ref.path), "--num-samples", "2", "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "crop: the run has 'random'" in err and "--random-crop" in err

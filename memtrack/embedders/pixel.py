@@ -162,7 +162,8 @@ class PixelEmbedder(Embedder):
 
     # ----------------------------------------------------------------------------------- transform
     def rgb(self, image: Image.Image) -> Image.Image:
-        """``image`` as RGB following ``alpha`` (a no-op for RGB images, e.g. from :func:`~memtrack.data.open_image`)."""
+        """``image`` as RGB following ``alpha`` (a no-op for RGB images such as
+        :func:`~memtrack.data.open_image` returns)."""
         from ..data import to_rgb
 
         return to_rgb(image, self.alpha)
@@ -300,7 +301,8 @@ def describe_transform(t: dict) -> str:
     """A training transform as the scripts' torchvision pipeline reads, e.g.
     ``Resize(64, bilinear) · RandomCrop(64) · RandomHorizontalFlip``; unknown fields are shown as ``?``."""
     r = t.get("resolution", "?")
-    crop = {"center": f"CenterCrop({r})", "random": f"RandomCrop({r})", "none": "(squashed)"}.get(t.get("crop"), "crop ?")
+    crops = {"center": f"CenterCrop({r})", "random": f"RandomCrop({r})", "none": "(squashed)"}
+    crop = crops.get(t.get("crop"), "crop ?")
     flip = {True: " · RandomHorizontalFlip", False: "", None: " · flip ?"}.get(t.get("flip"), "")
     return f"Resize({r}, {t.get('interpolation') or '?'}) · {crop}{flip}"
 

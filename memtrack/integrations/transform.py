@@ -191,7 +191,8 @@ def from_hparams(path: Path) -> dict:
 def read_run_transform(cfg, *, command: Sequence[str] | None = None, run_dir: str | Path | None = None,
                        logging_dir: str | Path | None = None) -> RunTransform:
     """The run's transform: config ``data.transform`` > the command > the newest hparams.yml (module doc)."""
-    run = RunTransform({k: Stated(v, f"config: data.transform.{k}") for k, v in cfg.data.transform.set_fields().items()})
+    stated = cfg.data.transform.set_fields()
+    run = RunTransform({k: Stated(v, f"config: data.transform.{k}") for k, v in stated.items()})
     if command:
         run.fill(from_command(command))
     if run_dir is not None and run.unknown():
@@ -261,8 +262,9 @@ def verify_run_transform(ref, cfg, run_dir: str | Path | None = None, *, command
             raise TransformMismatch(
                 f"the training run's image transform differs from the one the {name!r} space of the index at "
                 f"{ref.path} was built for: " + "; ".join(diff),
-                hint=f"rebuild the index for this run: {rebuild_command(ref, name, run)} (or set data.transform "
-                     "in the config where a value read from the run is wrong)")
+                hint=f"rebuild the index for this run: {rebuild_command(ref, name, run)} (add the --config it "
+                     "was built with, for the other spaces' options; or set data.transform in the config where a "
+                     "value read from the run is wrong)")
     record = {"run": run.to_dict(), "unknown": run.unknown(), "index": spaces,
               "checked": sorted(k for k in run.fields if any(k in t for t in spaces.values()))}
     stated = "; ".join(f"{k} {s.value!r} ({s.source})" for k, s in run.fields.items()) or "nothing"
