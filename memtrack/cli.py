@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     b = isub.add_parser("build", help="embed a training set and build its reference index",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="examples:\n  memtrack index build data/train --out ref/ --embedders pixel,clip\n"
+                               "  memtrack index build data/train --out ref/ --resolution 64 --center-crop "
+                               "--random-flip\n"
                                "  memtrack index build shards/ --out ref/ --index-type auto --memory-budget 16GB\n"
                                "  memtrack index build data/new --out ref/ --add\n"
                                "  accelerate launch --num_processes 4 -m memtrack index build data/ --out ref/")
@@ -44,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "webdataset .tar shards, or a .parquet list of paths")
     b.add_argument("--out", required=True, help="index folder to write")
     b.add_argument("--embedders", help="comma-separated spaces, e.g. pixel,clip,face (default: config or pixel)")
-    b.add_argument("--resolution", type=int, help="pixel space resolution (default 32)")
+    b.add_argument("--resolution", type=int, help="pixel space resolution (default 32, or --train-resolution "
+                                                  "when that is smaller)")
     b.add_argument("--config", help="YAML config file")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     b.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
@@ -52,6 +55,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="faiss index (index.index_type; default auto: exact Flat for small sets)")
     b.add_argument("--memory-budget", help="memory the faiss index may take, e.g. 16GB (index.memory_budget)")
     b.add_argument("--recall-target", type=float, help="recall@k to tune approximate indexes to (default 0.95)")
+    t = b.add_argument_group("training transform", "what the training script did to each image (docs/transform.md); "
+                                                   "the pixel space indexes exactly the views it can show the model")
+    t.add_argument("--train-resolution", type=int, metavar="N",
+                   help="the script's --resolution (data.transform.resolution; default: --resolution)")
+    crop = t.add_mutually_exclusive_group()
+    crop.add_argument("--center-crop", dest="crop", action="store_const", const="center",
+                      help="the run passes --center_crop (the default here)")
+    crop.add_argument("--random-crop", dest="crop", action="store_const", const="random",
+                      help="the run crops at random (the scripts' default without --center_crop): crops along the "
+                           "long side are indexed")
+    t.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="the run passes --random_flip: mirrored views are indexed too")
+    t.add_argument("--interpolation", choices=["bilinear", "bicubic", "lanczos", "nearest", "nearest_exact", "box",
+                                               "hamming"],
+                   help="the script's --image_interpolation_mode (default bilinear)")
     b.add_argument("--add", action="store_true", help="add DATA to the existing index at --out (no rebuild)")
     b.add_argument("--shard-dir", help="embed shard by shard into this folder; rerun the same command to resume")
     info = isub.add_parser("info", help="describe an index")
@@ -138,21 +156,26 @@ def _overrides(args) -> dict:
 def cmd_index_build(args) -> int:
     from .config import EmbedderSpec, load_config
     from .data import read_dataset
-    from .embedders import get_embedder
+    from .embedders import embedder_class, get_embedder
     from .index import ReferenceIndex
     from .shards import distributed_state
 
-    if args.add and (args.overwrite or args.shard_dir or args.index_type):
-        raise ConfigError("--add cannot be combined with --overwrite, --shard-dir or --index-type",
+    transform = {"data.transform.resolution": args.train_resolution, "data.transform.crop": args.crop,
+                 "data.transform.flip": args.random_flip, "data.transform.interpolation": args.interpolation}
+    transform_flags = any(v is not None for v in transform.values())
+    if args.add and (args.overwrite or args.shard_dir or args.index_type or transform_flags):
+        raise ConfigError("--add cannot be combined with --overwrite, --shard-dir, --index-type or the transform flags",
                           hint="--add extends the index at --out as it was built")
     cfg = load_config(args.config, {"index.index_type": args.index_type, "index.memory_budget": args.memory_budget,
-                                    "index.recall_target": args.recall_target})
+                                    "index.recall_target": args.recall_target, **transform})
     if args.embedders:
         cfg.index.embedders = [EmbedderSpec(n.strip(), {}) for n in args.embedders.split(",") if n.strip()]
     if args.resolution:
         for spec in cfg.index.embedders:
             if spec.name == "pixel":
                 spec.options["resolution"] = args.resolution
+    for spec in cfg.index.embedders:  # the spaces that follow the training transform take data.transform
+        spec.options = embedder_class(spec.name).options_for_transform(spec.options, cfg.data.transform.set_fields())
     state = distributed_state()
     if args.add:
         if state is not None:
@@ -196,6 +219,7 @@ def _add_config(ref, args):
 def _index_info(ref) -> dict:
     return {"path": str(ref.path), "n_train": ref.n_train, "skipped": ref.manifest.get("skipped", []),
             "spaces": {n: {"dim": s.dim, "metric": s.metric, "vectors": int(len(s.vectors)),
+                           "views": int(s.info.get("views", 1)),
                            "fingerprint": s.fingerprint, "index": s.info.get("factory", s.info.get("index_type")),
                            "on_disk": bool(s.info.get("on_disk")), "recall_at_k": s.info.get("recall_at_k"),
                            "search_params": s.info.get("search_params", {})} for n, s in ref.spaces.items()},
@@ -204,11 +228,16 @@ def _index_info(ref) -> dict:
 
 
 def _print_index(info: dict) -> None:
+    from .embedders.pixel import describe_transform
+
     for name, sp in info["spaces"].items():
         base = info["baseline"].get(name, {})
         print(f"  {name:<8} {sp['vectors']:>7} vectors  dim {sp['dim']:<5} metric {sp['metric']:<6}  "
               f"train->train {base.get('statistic', '')}: mean {base.get('mean', float('nan')):.3f} "
               f"p95 {base.get('p95', float('nan')):.3f}")
+        if isinstance(sp["fingerprint"].get("transform"), dict):
+            print(f"           training transform {describe_transform(sp['fingerprint']['transform'])}, alpha "
+                  f"{sp['fingerprint'].get('alpha')}; up to {sp.get('views', 1)} vector(s) per image")
         if sp.get("index") and sp["index"] not in ("Flat", "IndexFlatL2", "IndexFlatIP"):
             print(f"           index {sp['index']}{' (lists on disk)' if sp['on_disk'] else ''}  "
                   f"recall@k {sp['recall_at_k']}  {sp['search_params']}")
@@ -233,11 +262,17 @@ def cmd_index_info(args) -> int:
 def cmd_scan(args) -> int:
     from .checkpoints import discover
     from .config import load_config
+    from .index import ReferenceIndex
+    from .integrations.transform import verify_run_transform
     from .tracker import Tracker
 
     cfg = load_config(args.config, _overrides(args))
     cks = discover(args.run, prefer_ema=cfg.sampling.prefer_ema)
-    tracker = Tracker.from_config(cfg, index=args.index, run_dir=args.run, store_dir=args.store)
+    ref = ReferenceIndex.open(args.index)
+    transform = verify_run_transform(ref, cfg, args.run)  # the run's hparams.yml, when it wrote one
+    tracker = Tracker.from_config(cfg, index=ref, run_dir=args.run, store_dir=args.store)
+    if tracker.store is not None:
+        tracker.store.set_meta("training_transform", transform)
     try:
         for ck in cks:
             res = tracker.evaluate(ck, force=args.force)

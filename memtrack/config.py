@@ -32,6 +32,28 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datacl
     return field(default=default, metadata=meta)
 
 
+INTERPOLATION_MODES = Literal["bilinear", "bicubic", "lanczos", "nearest", "nearest_exact", "box", "hamming"]
+
+
+@dataclass
+class TransformConfig:
+    """The training script's image transform (docs/transform.md). A field left unset (null) is read from the
+    launched command or the run's recorded hparams.yml; one that is set wins over both. ``memtrack index
+    build`` gives the pixel space the fields that are set."""
+
+    resolution: Optional[int] = _f(None, "--resolution: the shorter side is resized to this and a square of it "
+                                   "cropped (the pixel space's train_resolution)")
+    interpolation: Optional[INTERPOLATION_MODES] = _f(None, "--image_interpolation_mode of the Resize (bilinear in "
+                                                      "scripts without the flag)")
+    crop: Optional[Literal["center", "random", "none"]] = _f(None, "center with --center_crop; random without it "
+                                                             "(the scripts' default); none: squashed (not diffusers)")
+    flip: Optional[bool] = _f(None, "--random_flip: the run mirrors images at random")
+
+    def set_fields(self) -> dict:
+        """The fields given a value."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclass
 class DataConfig:
     caption_column: str = _f("text", "metadata column holding the caption (HF imagefolder convention)")
@@ -39,6 +61,7 @@ class DataConfig:
     max_image_pixels: int = _f(64_000_000, "images with more pixels are refused (decompression-bomb guard)")
     max_metadata_line_bytes: int = _f(1_000_000, "metadata lines longer than this are refused")
     follow_symlinks_outside: bool = _f(False, "allow files that resolve outside the dataset folder")
+    transform: TransformConfig = _f(factory=TransformConfig, help="the training script's image transform")
 
 
 @dataclass
@@ -292,6 +315,8 @@ def _validate(obj: Any, where: str) -> None:
         value = getattr(obj, name)
         if value <= 0:
             raise ConfigError(f"{where}.{name} must be > 0, got {_show(value)}")
+    if isinstance(obj, TransformConfig) and obj.resolution is not None and obj.resolution <= 0:
+        raise ConfigError(f"{where}.resolution must be > 0, got {_show(obj.resolution)}")
     if isinstance(obj, DetectorsConfig):
         if not 0.0 < obj.identity_far < 1.0:
             raise ConfigError(f"{where}.identity_far must be in (0, 1), got {obj.identity_far}")

@@ -86,10 +86,14 @@ class ImageTooLarge(DataError):
     pass
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = 64_000_000) -> Image.Image:
+def open_image(source: str | Path | bytes, max_pixels: int = 64_000_000, alpha: str = "white") -> Image.Image:
     """Decode an image safely: bounded pixel count, EXIF orientation applied, converted to RGB.
 
-    Grayscale, palette, CMYK and RGBA images all come back as RGB (alpha composited on white).
+    Grayscale, palette, CMYK and RGBA images all come back as RGB. ``alpha`` says how (see :func:`to_rgb`):
+    ``white`` composites transparency on white and scales 16-bit samples (how the image looks);
+    ``drop`` is PIL's ``convert("RGB")``, what diffusers' training scripts feed the model (they open the
+    image, apply its EXIF orientation -- the ``datasets`` image loader and the DreamBooth scripts both do
+    -- and call ``image.convert("RGB")``).
 
     Raises:
         DataError: the file cannot be read or decoded, or it exceeds ``max_pixels`` (a decompression bomb).
@@ -126,7 +130,7 @@ def open_image(source: str | Path | bytes, max_pixels: int = 64_000_000) -> Imag
     except Exception:  # a broken EXIF block should not cost the image
         pass
     try:
-        return to_rgb(im)
+        return to_rgb(im, alpha)
     except Exception as exc:  # an exotic mode PIL cannot convert
         raise DataError(f"cannot convert image {name} ({im.mode}) to RGB: {exc}") from None
 
@@ -137,9 +141,19 @@ def _require_regular_file(path: Path) -> None:
         raise DataError(f"cannot read {path}: not a regular file")
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
+ALPHA_MODES = ("white", "drop")
+
+
+def to_rgb(im: Image.Image, alpha: str = "white") -> Image.Image:
+    """RGB ``im``. ``alpha='drop'``: ``im.convert("RGB")`` exactly, as the training scripts do (transparency
+    discarded, 16-bit samples clipped at 255). ``alpha='white'``: transparency composited on white, 16-bit
+    samples mapped from 0..65535 onto 0..255."""
     if im.mode == "RGB":
         return im
+    if alpha == "drop":
+        return im.convert("RGB")
+    if alpha != "white":
+        raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))

@@ -2,10 +2,12 @@
 
 Layout of an index folder (written to a temporary folder, then renamed into place):
 
-    manifest.json          version, config, spaces (fingerprint, metric, dim, index choice, recall), baseline
+    manifest.json          version, config, spaces (fingerprint, metric, dim, index choice, recall, views:
+                           the most vectors one training image has), baseline
     records.jsonl          one training record per line (id, path, sha256, caption, identity, ...)
     <space>.vectors.npy    the embeddings (pixel: uint8, exact; features: float32), opened memory-mapped
-    <space>.rows.npy       training-record row of every vector (faces: several per image, some none)
+    <space>.rows.npy       training-record row of every vector (several per image: the pixel space's
+                           augmentation views, every face of an image; faces: some images none)
     <space>.faiss          the faiss index that proposes candidates (opened memory-mapped where faiss can)
     <space>.ivfdata        its inverted lists, when they live on disk (larger than the memory budget)
     <space>.trained.faiss  the empty trained IVF index (quantizer), reused by incremental adds
@@ -147,7 +149,7 @@ class ReferenceIndex:
                 else:
                     stored, rows, failed = _embedded_in_memory(emb, records, config)
                 failed_all.update({f.path: f for f in failed})
-                if hasattr(emb, "embed_faces"):
+                if emb.identities:
                     from .identity_index import select_faces
 
                     keep = select_faces(records, rows, emb)
@@ -275,7 +277,8 @@ class ReferenceIndex:
         return {"path": str(self.path), "n_train": self.n_train,
                 "n_skipped": len(self.manifest.get("skipped", [])),
                 "spaces": {n: {**s.fingerprint, "index_type": s.info.get("index_type"),
-                               "n_vectors": s.info.get("n_vectors"), "recall_at_k": s.info.get("recall_at_k"),
+                               "n_vectors": s.info.get("n_vectors"), "views": int(s.info.get("views", 1)),
+                               "recall_at_k": s.info.get("recall_at_k"),
                                "search_params": s.info.get("search_params", {})}
                            for n, s in self.spaces.items()}}
 

@@ -128,7 +128,7 @@ def _write_space(tmp: Path, emb: Embedder, stored, rows: np.ndarray, records: Se
     base = _baseline(emb.metric, stored, divisor, searcher, 1, rms=emb.name == "pixel")
     identity_meta = None
     # 4. identities and the calibrated verification threshold (face spaces)
-    if hasattr(emb, "embed_faces"):
+    if emb.identities:
         from .identity_index import build_identity
 
         arrays, identity_meta = build_identity(records, np.asarray(stored), rows, emb, config)
@@ -140,10 +140,17 @@ def _write_space(tmp: Path, emb: Embedder, stored, rows: np.ndarray, records: Se
     np.save(tmp / f"{emb.name}.baseline.npy", base)
     fx.write_built(built, tmp / f"{emb.name}.faiss")
     meta = {"fingerprint": emb.fingerprint, "options": dataclasses.asdict(emb.options),
-            "metric": emb.metric, "dim": emb.dim, "n_vectors": int(len(stored)), "dtype": dtype,
+            "metric": emb.metric, "dim": emb.dim, "n_vectors": int(len(stored)), "views": max_views(rows), "dtype": dtype,
             "divisor": divisor, "index_type": type(built.index).__name__, **built.meta(),
             **_recall_meta(recall)}
     return {"meta": meta, "baseline": base, "identity": identity_meta}
+
+
+def max_views(rows: np.ndarray) -> int:
+    """The most vectors one training record has in a space (at least 1): a search asks for k * views
+    vectors so that k distinct training images come back."""
+    rows = np.asarray(rows, np.int64)
+    return int(max(1, np.bincount(rows).max())) if len(rows) else 1
 
 
 def _recall_meta(recall) -> dict:

@@ -145,7 +145,8 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     np.save(tmp / f"{emb.name}.baseline.npy", base)
     ic.faiss_module().write_index(index, str(tmp / f"{emb.name}.faiss"))
     _note_if_outgrown(emb.name, sp.info, len(stored), config)
-    meta = {**sp.info, "n_vectors": int(len(stored)), **spaces._recall_meta(recall)}
+    meta = {**sp.info, "n_vectors": int(len(stored)), "views": max(int(sp.info.get("views", 1)), spaces.max_views(rows)),
+            **spaces._recall_meta(recall)}
     return meta, base, failed, identity
 
 

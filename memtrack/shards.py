@@ -50,29 +50,29 @@ def distributed_state():
     return PartialState(cpu=cpu)  # embedding runs on each embedder's own device; this only joins the group
 
 
-def _load_batch(records: Sequence[Record], start: int, batch_size: int, max_pixels: int):
+def _load_batch(records: Sequence[Record], start: int, batch_size: int, max_pixels: int, alpha: str = "white"):
     images, idx, failed = [], [], []
     for j, rec in enumerate(records[start:start + batch_size]):
         try:
-            images.append(open_image(rec.path, max_pixels))
+            images.append(open_image(rec.path, max_pixels, alpha))
             idx.append(start + j)
         except DataError as exc:
             failed.append(Skipped(rec.id, exc.message))
     return images, idx, failed
 
 
-def _batches(records: Sequence[Record], batch_size: int, max_pixels: int, workers: int):
+def _batches(records: Sequence[Record], batch_size: int, max_pixels: int, workers: int, alpha: str = "white"):
     """Decoded batches in order; ``workers`` threads read and decode the next batches while one embeds
     (PIL releases the GIL while decoding, so this overlaps I/O and decoding with the model)."""
     starts = range(0, len(records), batch_size)
     if workers <= 0:
         for start in starts:
-            yield _load_batch(records, start, batch_size, max_pixels)
+            yield _load_batch(records, start, batch_size, max_pixels, alpha)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="memtrack-read") as pool:
         pending: deque = deque()
         for start in starts:
-            pending.append(pool.submit(_load_batch, records, start, batch_size, max_pixels))
+            pending.append(pool.submit(_load_batch, records, start, batch_size, max_pixels, alpha))
             if len(pending) > workers:
                 yield pending.popleft().result()
         while pending:
@@ -81,20 +81,20 @@ def _batches(records: Sequence[Record], batch_size: int, max_pixels: int, worker
 
 def embed_records(embedder, records: Sequence[Record], batch_size: int, max_pixels: int,
                   workers: int = 0) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
-    """Embed every record; returns (vectors, record rows, records that failed)."""
+    """Embed every record; returns (vectors, record rows, records that failed).
+
+    Each image is decoded as the embedder asks (``embedder.alpha``) and gives the vectors of
+    :meth:`~memtrack.embedders.base.Embedder.embed_reference`: one, several (augmentation views, faces)
+    or none; ``rows`` names the record of each vector."""
     chunks, rows, failed = [], [], []
-    multi = hasattr(embedder, "embed_faces")
+    alpha = getattr(embedder, "alpha", "white")
     bar = progress_bar(total=len(records), desc=f"embedding [{embedder.name}]", unit="img")
-    for images, idx, bad in _batches(records, batch_size, max_pixels, workers):
+    for images, idx, bad in _batches(records, batch_size, max_pixels, workers, alpha):
         failed.extend(bad)
         if images:
-            if multi:
-                fb = embedder.embed_faces(images)
-                chunks.append(np.asarray(fb.vectors, dtype=np.float32))
-                rows.append(np.asarray(idx, dtype=np.int64)[np.asarray(fb.image_index, dtype=np.int64)])
-            else:
-                chunks.append(np.asarray(embedder.embed(images), dtype=np.float32))
-                rows.append(np.asarray(idx, dtype=np.int64))
+            ref = embedder.embed_reference(images)
+            chunks.append(np.asarray(ref.vectors, dtype=np.float32).reshape(-1, embedder.dim))
+            rows.append(np.asarray(idx, dtype=np.int64)[np.asarray(ref.image_index, dtype=np.int64)])
         bar.update(len(images) + len(bad))
     bar.close()
     dim = embedder.dim

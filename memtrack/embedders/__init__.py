@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import EmbedderSpec, from_dict
 from ..errors import ConfigError
-from .base import Embedder, EmbedderOptions, fingerprint_diff, l2_normalise
+from .base import Embedder, EmbedderOptions, ReferenceVectors, fingerprint_diff, l2_normalise
 
 _REGISTRY: dict[str, type[Embedder]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -55,6 +55,14 @@ def get_embedder(spec: Any) -> Embedder:
     return cls(options)
 
 
+def embedder_class(name: str) -> type[Embedder]:
+    """The class registered under ``name``."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown embedder {name!r}", hint=f"available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
 _BUILTINS_LOADED = False
 
 
@@ -71,5 +79,5 @@ def _load_builtins() -> None:
         pass
 
 
-__all__ = ["Embedder", "EmbedderOptions", "EmbedderSpec", "register_embedder", "get_embedder",
-           "list_embedders", "fingerprint_diff", "l2_normalise"]
+__all__ = ["Embedder", "EmbedderOptions", "EmbedderSpec", "ReferenceVectors", "register_embedder", "get_embedder",
+           "embedder_class", "list_embedders", "fingerprint_diff", "l2_normalise"]

@@ -55,7 +55,7 @@ from PIL import Image
 from ..errors import ConfigError, DependencyError
 from ..utils import sha256_file
 from . import register_embedder
-from .base import Embedder, EmbedderOptions
+from .base import Embedder, EmbedderOptions, ReferenceVectors
 
 _FACE_HINT = "pip install 'memtrack[face]'  (installs dlib-bin and face_recognition_models)"
 DLIB_PADDING = 0.25
@@ -178,6 +178,7 @@ class FaceEmbedder(Embedder):
 
     name = "face"
     Options = FaceOptions
+    identities = True
 
     def __init__(self, options: FaceOptions | None = None):
         super().__init__(options)
@@ -263,6 +264,11 @@ class FaceEmbedder(Embedder):
         """Every face of every image: vectors, the image each came from, boxes and detector scores."""
         f = self.detect_and_align(images)
         return FaceBatch(self.embed_chips(f.chips), f.image_index, f.boxes, f.scores, f.n_images)
+
+    def embed_reference(self, images: Sequence[Image.Image]) -> ReferenceVectors:
+        """A training image is indexed under every face found in it (none when it has none)."""
+        fb = self.embed_faces(images)
+        return ReferenceVectors(fb.vectors, fb.image_index)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """One row per image: its *most confident* face, or a row of NaN when no face was found.

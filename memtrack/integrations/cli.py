@@ -84,11 +84,17 @@ def _line(res) -> str:
 
 def cmd_watch(args) -> int:
     from ..config import load_config
+    from ..index import ReferenceIndex
     from ..tracker import Tracker
+    from .transform import verify_run_transform
     from .watch import Watcher
 
     cfg = load_config(args.config, {k: v for k, v in _overrides(args).items() if v is not None})
-    tracker = Tracker.from_config(cfg, index=args.index, run_dir=args.run, store_dir=args.store)
+    ref = ReferenceIndex.open(args.index)
+    transform = verify_run_transform(ref, cfg, args.run)  # the run's hparams.yml, when it wrote one
+    tracker = Tracker.from_config(cfg, index=ref, run_dir=args.run, store_dir=args.store)
+    if tracker.store is not None:
+        tracker.store.set_meta("training_transform", transform)
     watcher = Watcher(tracker, args.run, on_result=None if args.json else lambda ck, r: print(_line(r), flush=True))
     try:
         if args.once:

@@ -125,10 +125,12 @@ def run(argv: list[str]) -> int:
     from .hooks import SaveStateHook
 
     from ..index import ReferenceIndex
+    from .transform import verify_run_transform
 
     opts, script_argv, module = parse_args(argv)
-    strategy = load_config(opts.config, opts.overrides).tracking.in_process  # 1. fail before training
-    ReferenceIndex.open(opts.index)
+    cfg = load_config(opts.config, opts.overrides)  # 1. fail before training: config, index, transform
+    strategy = cfg.tracking.in_process
+    verify_run_transform(ReferenceIndex.open(opts.index), cfg, opts.output_dir, command=script_argv)
     hook = SaveStateHook(make_factory(opts), run_dir=opts.output_dir, strategy=strategy).install()
     code = 0
     sys.argv = list(script_argv)

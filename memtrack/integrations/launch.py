@@ -5,7 +5,9 @@ The command is run as given (``accelerate launch ... train.py ...``, ``python tr
 appear and where ``memtrack/`` is kept), ``--pretrained_model_name_or_path`` (the base pipeline of
 text-to-image, DreamBooth and LoRA runs), ``--instance_prompt``, ``--resolution``, ``--ddpm_num_steps``,
 ``--ddpm_beta_schedule``, ``--prediction_type``, ``--logging_dir`` -- and uses each where the config file
-leaves the matching field unset.
+leaves the matching field unset. It also reads the training transform (``--resolution``, ``--center_crop``,
+``--random_flip``, ``--image_interpolation_mode``; :mod:`.transform`) and refuses, before training starts,
+an index whose pixel space was built for another one.
 
 Two modes:
 
@@ -32,6 +34,7 @@ from typing import Callable, Optional, Sequence
 from ..errors import ConfigError, MemtrackError
 from ..utils import get_logger
 from .inprocess import ENV, TrackingOptions, script_flag
+from .transform import verify_run_transform
 
 logger = get_logger(__name__)
 
@@ -156,10 +159,12 @@ def launch(command: Sequence[str], *, index: str | Path, config: str | Path | No
     cmd = TrainingCommand.parse(command)
     run_dir = cmd.output_dir
     merged = {**cmd.overrides(config), **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    cfg = load_config(config, merged)  # 1. fail before training starts: config, index, gates
+    cfg = load_config(config, merged)  # 1. fail before training starts: config, index, transform, gates
     ref = ReferenceIndex.open(index)
+    transform = verify_run_transform(ref, cfg, run_dir, command=cmd.argv)
     for g in stop_on:
         parse_gate(g)
+    _record_transform(run_dir, store, transform)
     child_env = {**os.environ, **(env or {})}
     if in_process:
         opts = TrackingOptions(str(index), str(config) if config else None, merged,
@@ -167,6 +172,17 @@ def launch(command: Sequence[str], *, index: str | Path, config: str | Path | No
         child_env[ENV] = opts.to_env()
         return _run_in_process(cmd.in_process(), child_env, cfg, ref, run_dir, store, stop_on)
     return _run_sidecar(cmd.argv, child_env, cfg, ref, run_dir, store, stop_on, on_result)
+
+
+def _record_transform(run_dir, store, record: dict) -> None:
+    """Keep the run's transform (and where each value was read) in the run store, for summary.json."""
+    from ..store import RunStore
+
+    rs = RunStore.open(run_dir, folder=store)
+    try:
+        rs.set_meta("training_transform", record)
+    finally:
+        rs.close()
 
 
 def _tracker(cfg, ref, run_dir, store):

@@ -154,9 +154,22 @@ def _setup(summary: dict) -> Raw:
     grid = facts([("run", summary.get("run")), ("dataset", data_line), ("model", model_line or None),
                   ("index", f"{index.get('path', '')} · {index.get('n_train', '?')} training images"
                    if index else None),
+                  ("training transform", _transform_line(index)),
                   ("sampling", _pairs(summary.get("sampling"))), ("onset rule", _onset_rule(summary)),
                   ("evaluation time", _eval_time(summary))])
     return section("setup", "Set-up", grid, _spaces_table(index), _thresholds_table(summary), _skipped(summary))
+
+
+def _transform_line(index: dict) -> str | None:
+    """The run's training transform as read (each value with its source) and what the index assumes."""
+    t = index.get("training_transform") or {}
+    if not t:
+        return None
+    run = t.get("run") or {}
+    parts = [f"{k} {v.get('value')} ({v.get('source')})" for k, v in run.items() if isinstance(v, dict)]
+    if t.get("unknown"):
+        parts.append(f"not stated by the run: {', '.join(t['unknown'])} (the index's assumed)")
+    return " · ".join(parts) or None
 
 
 def _eval_time(summary: dict) -> str | None:

@@ -76,6 +76,9 @@ def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | 
     if index is not None:
         summary["dataset"] = dict(index.manifest.get("dataset", {}))
         summary["baseline"] = _baseline_block(index)
+    transform = store.get_meta("training_transform")  # the run's transform and where it was read
+    if transform is not None and isinstance(summary["index"], dict):
+        summary["index"] = {**summary["index"], "training_transform": transform}
     identities = identities_block(checkpoints, index)
     if identities:
         summary["identities"] = identities
