@@ -12,11 +12,12 @@ What is hashed (sha256, in this order; see :func:`content_hash`):
 2. per space, by name: the manifest fields in :data:`SPACE_FIELDS` (the embedder's fingerprint, which
    holds the training transform, the storage, the faiss index and its search parameters -- which decide
    the candidates a search returns), then the stored vectors and their record rows, byte for byte;
-3. the calibrated identity-verification threshold (face spaces).
+3. the train->train baselines' summaries (what thresholds calibrated on the training set are drawn from)
+   and the calibrated identity-verification threshold (face spaces).
 
 Not hashed: the creation time, the memtrack version, measured recall, memory budgets, the dataset's
-location, the skipped-file list -- nothing a verdict depends on. A field that starts to change verdicts
-belongs in :data:`SPACE_FIELDS`.
+location, the skipped-file list -- nothing a verdict depends on. A manifest field that starts to change
+verdicts belongs in :data:`SPACE_FIELDS` (or in step 3).
 
 The hash is computed once when an index is written (build, sharded build and ``add``) and stored in
 ``manifest.json`` as ``content_hash``; an index written before then gets it computed when first asked
@@ -37,7 +38,7 @@ from .utils import json_safe
 HASH_VERSION = 1
 #: The manifest fields of a space that change what a search returns or how it is scored.
 SPACE_FIELDS = ("fingerprint", "metric", "dim", "dtype", "divisor", "views", "index_kind", "index_type",
-                "factory", "nlist", "search_params", "rerank")
+                "factory", "nlist", "search_params", "rerank", "train_neighbours")
 _BLOCK = 16 << 20  # bytes of vectors hashed per read: bounded memory on memory-mapped files
 
 
@@ -84,8 +85,10 @@ def content_hash(folder: str | Path, manifest: dict, records: Sequence) -> str:
         _update_json(h, {"space": name, **{k: meta.get(k) for k in SPACE_FIELDS}})
         for part in ("vectors", "rows"):
             _update_array(h, np.load(folder / f"{name}.{part}.npy", mmap_mode="r"))
-    # 3. the calibrated identity threshold
-    _update_json(h, {"identity": _identity_threshold(manifest)})
+    # 3. what training-set calibration reads: the baselines' summaries, the identity threshold
+    baselines = {name: {k: v for k, v in (b or {}).items() if k != "values"}
+                 for name, b in (manifest.get("baseline") or {}).items()}
+    _update_json(h, {"baseline": baselines, "identity": _identity_threshold(manifest)})
     return "sha256:" + h.hexdigest()
 
 

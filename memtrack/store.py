@@ -18,6 +18,7 @@ The folder is named ``memtrack`` -- never ``checkpoint*``, which diffusers' scri
 """
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -35,6 +36,19 @@ logger = get_logger(__name__)
 
 STORE_DIR = "memtrack"
 DB_NAME = "store.sqlite"
+
+
+def _reads(fn):
+    """A read sqlite refuses (a damaged page, a file removed underneath) is a StoreError, not a traceback."""
+    @functools.wraps(fn)
+    def read(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot read the run store {self.folder}: {exc}",
+                             hint="the file may be damaged; `PRAGMA integrity_check` tells, and a copy can be "
+                                  "moved aside to start over") from None
+    return read
 
 
 @dataclass
@@ -185,11 +199,13 @@ class RunStore:
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
+    @_reads
     def get_meta(self, key: str, default=None):
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
     # ------------------------------------------------------------------------------------ writing
+    @_reads
     def find(self, checkpoint: str, eval_key: str) -> Optional[Evaluation]:
         row = self.conn.execute("SELECT * FROM evaluations WHERE checkpoint=? AND eval_key=?",
                                 (checkpoint, eval_key)).fetchone()
@@ -246,6 +262,7 @@ class RunStore:
         d["info"] = json.loads(d["info"] or "{}")
         return Evaluation(**d)
 
+    @_reads
     def evaluations(self, *, status: str | None = "done", latest_per_checkpoint: bool = True,
                     series: str | None = None) -> list[Evaluation]:
         """Stored evaluations in step order (by default the newest done one per checkpoint).
@@ -266,6 +283,7 @@ class RunStore:
         return rows
 
     # ------------------------------------------------------------------------------------- series
+    @_reads
     def list_series(self) -> list[Series]:
         """Every series holding an evaluation, the most recently evaluated first."""
         identities = {r["key"]: json.loads(r["identity"]) for r in self.conn.execute("SELECT * FROM series")}
@@ -281,6 +299,7 @@ class RunStore:
                               int(r["n_skip"] or 0), r["first"], r["last"]))
         return sorted(out, key=lambda x: -(x.last_evaluated or 0.0))
 
+    @_reads
     def latest_series(self) -> Optional[str]:
         """The series of the newest done evaluation (of the newest skip when nothing was evaluated)."""
         row = self.conn.execute("SELECT series FROM evaluations ORDER BY status='done' DESC, created DESC, id DESC "
@@ -303,6 +322,7 @@ class RunStore:
                          hint=f"stored series: {listed}; `memtrack status RUN --json` lists them" if not hits
                          else "give more characters of the key")
 
+    @_reads
     def metrics(self, eval_id: int) -> dict:
         out = {}
         for r in self.conn.execute("SELECT * FROM metrics WHERE eval_id=?", (eval_id,)):
@@ -311,6 +331,7 @@ class RunStore:
             out[r["metric"]] = {k: v for k, v in m.items() if v is not None}
         return out
 
+    @_reads
     def samples(self, eval_id: int) -> list[dict]:
         out = []
         for r in self.conn.execute("SELECT * FROM samples WHERE eval_id=? ORDER BY sample", (eval_id,)):

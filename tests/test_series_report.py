@@ -163,3 +163,15 @@ def test_the_stored_series_identity_is_what_the_key_hashes(tiny_run, pixel_index
         assert ident["scheduler"]["class"] == "DDIMScheduler" and ident["source"] == "saved"
         assert ident["index"]["content_hash"].startswith("sha256:") and ident["plan"]["n_samples"] == 4
         assert all(e.series == series.key for e in store.evaluations(latest_per_checkpoint=False))
+
+
+def test_a_store_that_fails_while_read_is_exit_2_with_the_store_named(tiny_run, pixel_index, capsys):
+    import sqlite3
+
+    _scan(tiny_run, pixel_index, 4)
+    with sqlite3.connect(tiny_run / "memtrack" / "store.sqlite") as c:
+        c.execute("DROP TABLE samples")  # damage that only a read finds
+    capsys.readouterr()
+    assert main(["report", str(tiny_run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memtrack: error: cannot read the run store") and "no such table: samples" in err
