@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  memtrack report runs/ddpm --out report.html\n"
                               "  memtrack report runs/a runs/b --out compare.html\n"
                               "  memtrack report runs/ddpm --fail-on 'nn_ratio.rate > 0.01' "
-                              "--fail-on 'identity_leak.onset != null'")
+                              "--fail-on 'identity_leak.onset != null'\n"
+                              "  memtrack report runs/ddpm --key 3f2a9c   # another evaluation series of the run")
     r.add_argument("runs", nargs="+", help="run folder(s); several are overlaid on the same axes")
     r.add_argument("--out", help="output file (default RUN/memtrack/report.html); summary.json goes beside it")
     r.add_argument("--format", choices=["html", "md", "json"], default="html")
@@ -129,9 +130,10 @@ def _parser() -> argparse.ArgumentParser:
 def _series_args(p: argparse.ArgumentParser) -> None:
     """``--key`` / ``--config``: which evaluation series of the run to show (default: the latest)."""
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--key", metavar="KEY", help="show the evaluation series KEY (a prefix is enough; "
-                                                "the report lists the run's series)")
-    g.add_argument("--config", metavar="FILE", help="show the series that config file and the run's index give")
+    g.add_argument("--key", metavar="KEY", help="show the evaluation series KEY of the (first) run instead of the "
+                                                "latest; a prefix is enough (the report lists the run's series)")
+    g.add_argument("--config", metavar="FILE", help="show the series that this config file and the run's index "
+                                                    "give the run's checkpoints")
 
 
 def _plugins():
@@ -255,19 +257,23 @@ def cmd_scan(args) -> int:
     cfg = load_config(args.config, _overrides(args))
     cks = discover(args.run, prefer_ema=cfg.sampling.prefer_ema)
     tracker = Tracker.from_config(cfg, index=args.index, run_dir=args.run, store_dir=args.store)
+    series = set()
     try:
         for ck in cks:
             res = tracker.evaluate(ck, force=args.force)
+            series.add(res.series)
             if args.json:
                 print(to_json({"step": res.step, "checkpoint": res.checkpoint, "cached": res.cached,
-                                  "skipped": res.skipped, "reason": res.reason, "metrics": res.metrics}), flush=True)
+                                  "skipped": res.skipped, "reason": res.reason, "metrics": res.metrics,
+                                  "series": res.series}), flush=True)
             else:
                 print(_scan_line(res), flush=True)
     finally:
         tracker.close()
     if not args.json:
-        print(f"results stored in {tracker.store.folder if tracker.store else args.run}; "
-              f"next: memtrack report {args.run}")
+        named = ", ".join(sorted(k for k in series if k))
+        print(f"results stored in {tracker.store.folder if tracker.store else args.run}"
+              + (f" (evaluation series {named})" if named else "") + f"; next: memtrack report {args.run}")
     return 0
 
 
