@@ -24,6 +24,8 @@ logger = get_logger(__name__)
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+#: ``weights_name`` of an in-memory model evaluated by ``Tracker.step`` (stored as ``step-N``).
+LIVE = "live"
 
 Kind = Literal["unet", "lora", "pipeline", "t2i_unet", "t2i_pipeline"]
 #: ``_class_name`` values (in ``unet/config.json``) of text-conditional UNets: their checkpoints get the
@@ -46,6 +48,8 @@ class Checkpoint:
         text_encoder: a ``text_encoder/`` folder saved with the checkpoint, if any.
         complete: accelerate finished writing it (``random_states_0.pkl`` present) -- always True for
             folders that accelerate did not write (the final pipeline).
+        content: a hash of the weights' content when it is known without files (in-memory models of
+            ``Tracker.step``, :func:`memtrack.sampling_t2i.live_checkpoint`); then it is the fingerprint.
     """
 
     step: int
@@ -57,9 +61,18 @@ class Checkpoint:
     text_encoder: Optional[Path] = None
     complete: bool = True
     files: list = field(default_factory=list)
+    content: Optional[str] = None
+
+    @property
+    def live(self) -> bool:
+        """An in-memory model (``Tracker.step``), not a folder on disk."""
+        return self.weights_name == LIVE
 
     def fingerprint(self) -> str:
-        """A cheap identity of the weights: names, sizes and mtimes of the weight files + configs."""
+        """The identity of the weights: their content hash when known (live models), else a cheap one --
+        names, sizes and modification times of the weight files and configs (rewriting a file changes it)."""
+        if self.content:
+            return self.content
         parts = []
         for f in sorted(self.files):
             try:

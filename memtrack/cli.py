@@ -1,7 +1,8 @@
 """``memtrack`` command line: a thin layer that parses, calls the library, and prints.
 
-Exit codes: 0 success, 1 a ``--fail-on`` gate tripped, 2 an error (bad input, missing file, ...), 130
-interrupted. Errors print one sentence and a hint; ``MEMTRACK_DEBUG=1`` shows the traceback.
+Exit codes: 0 success, 1 a ``--fail-on`` gate tripped, 2 an error (bad input, a missing file, or anything
+unforeseen -- never 1), 130 interrupted. Errors print one sentence and a hint; ``MEMTRACK_DEBUG=1`` also
+prints the traceback.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import os
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 from .errors import ConfigError, MemtrackError
@@ -97,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  memtrack report runs/ddpm --out report.html\n"
                               "  memtrack report runs/a runs/b --out compare.html\n"
                               "  memtrack report runs/ddpm --fail-on 'nn_ratio.rate > 0.01' "
-                              "--fail-on 'identity_leak.onset != null'")
+                              "--fail-on 'identity_leak.onset != null'\n"
+                              "  memtrack report runs/ddpm --key 3f2a9c   # another evaluation series of the run")
     r.add_argument("runs", nargs="+", help="run folder(s); several are overlaid on the same axes")
     r.add_argument("--out", help="output file (default RUN/memtrack/report.html); summary.json goes beside it")
     r.add_argument("--format", choices=["html", "md", "json"], default="html")
@@ -106,11 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fail-on", action="append", default=[], metavar="EXPR",
                    help="gate, e.g. 'nn_ratio.rate > 0.01'; exit 1 when it holds")
     r.add_argument("--quiet", action="store_true", help="do not print the terminal table")
+    _series_args(r)
 
-    st = sub.add_parser("status", help="print the latest checkpoint's rates and onsets")
+    st = sub.add_parser("status", help="print the latest checkpoint's rates and onsets",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  memtrack status runs/ddpm\n  memtrack status runs/ddpm --key 3f2a9c\n"
+                               "  memtrack status runs/ddpm --config configs/unconditional.yaml --json")
     st.add_argument("run")
     st.add_argument("--store", help="store folder (default RUN/memtrack)")
+    st.add_argument("--index", help="index folder, for --config (default: the one the run was scanned with)")
     st.add_argument("--json", action="store_true")
+    _series_args(st)
 
     # check
     c = sub.add_parser("check", help="run the detectors on any folder of generated images",
@@ -134,6 +143,15 @@ def _parser() -> argparse.ArgumentParser:
     for name, mod in _plugins():
         mod.add_parser(sub)
     return p
+
+
+def _series_args(p: argparse.ArgumentParser) -> None:
+    """``--key`` / ``--config``: which evaluation series of the run to show (default: the latest)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--key", metavar="KEY", help="show the evaluation series KEY of the (first) run instead of the "
+                                                "latest; a prefix is enough (the report lists the run's series)")
+    g.add_argument("--config", metavar="FILE", help="show the series that this config file and the run's index "
+                                                    "give the run's checkpoints")
 
 
 def _plugins():
@@ -217,7 +235,8 @@ def _add_config(ref, args):
 
 
 def _index_info(ref) -> dict:
-    return {"path": str(ref.path), "n_train": ref.n_train, "skipped": ref.manifest.get("skipped", []),
+    return {"path": str(ref.path), "n_train": ref.n_train, "content_hash": ref.content_hash,
+            "skipped": ref.manifest.get("skipped", []),
             "spaces": {n: {"dim": s.dim, "metric": s.metric, "vectors": int(len(s.vectors)),
                            "views": int(s.info.get("views", 1)),
                            "fingerprint": s.fingerprint, "index": s.info.get("factory", s.info.get("index_type")),
@@ -254,7 +273,7 @@ def cmd_index_info(args) -> int:
     if args.json:
         print(to_json(info, indent=2))
     else:
-        print(f"{info['path']}: {info['n_train']} training images")
+        print(f"{info['path']}: {info['n_train']} training images, content {info['content_hash']}")
         _print_index(info)
     return 0
 
@@ -273,19 +292,23 @@ def cmd_scan(args) -> int:
     tracker = Tracker.from_config(cfg, index=ref, run_dir=args.run, store_dir=args.store)
     if tracker.store is not None:
         tracker.store.set_meta("training_transform", transform)
+    series = set()
     try:
         for ck in cks:
             res = tracker.evaluate(ck, force=args.force)
+            series.add(res.series)
             if args.json:
                 print(to_json({"step": res.step, "checkpoint": res.checkpoint, "cached": res.cached,
-                                  "skipped": res.skipped, "reason": res.reason, "metrics": res.metrics}), flush=True)
+                                  "skipped": res.skipped, "reason": res.reason, "metrics": res.metrics,
+                                  "series": res.series}), flush=True)
             else:
                 print(_scan_line(res), flush=True)
     finally:
         tracker.close()
     if not args.json:
-        print(f"results stored in {tracker.store.folder if tracker.store else args.run}; "
-              f"next: memtrack report {args.run}")
+        named = ", ".join(sorted(k for k in series if k))
+        print(f"results stored in {tracker.store.folder if tracker.store else args.run}"
+              + (f" (evaluation series {named})" if named else "") + f"; next: memtrack report {args.run}")
     return 0
 
 
@@ -302,7 +325,7 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     code = write_report(args.runs, out=args.out, fmt=args.format, index=args.index, store_dir=args.store,
-                        gates=args.fail_on, quiet=args.quiet)
+                        gates=args.fail_on, quiet=args.quiet, key=args.key, config=args.config)
     return code
 
 
@@ -310,7 +333,8 @@ def cmd_status(args) -> int:
     from .report import run_summary
     from .report.terminal import render_table
 
-    summary = run_summary(args.run, store_dir=args.store, with_index=False)
+    summary = run_summary(args.run, store_dir=args.store, index=args.index, with_index=False, key=args.key,
+                          config=args.config)
     if args.json:
         print(to_json(summary, indent=2, default=str))
     else:
@@ -402,24 +426,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(fn(args) or 0)
-    except MemtrackError as exc:
-        if os.environ.get("MEMTRACK_DEBUG"):
-            raise
-        print(f"memtrack: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(textwrap.indent(f"hint: {exc.hint}", "  "), file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("memtrack: interrupted; results stored so far are intact", file=sys.stderr)
         return 130
-    except OSError as exc:
-        if os.environ.get("MEMTRACK_DEBUG"):
-            raise
+    except Exception as exc:  # noqa: BLE001 -- the one error printer: every error is exit 2, never the gate's 1
+        return _print_error(exc, args.command)
+
+
+def _print_error(exc: Exception, command: str) -> int:
+    """Print ``exc`` as one sentence and a hint (and its traceback with ``MEMTRACK_DEBUG=1``); return 2.
+
+    Anything that is not a :class:`MemtrackError` is a failure memtrack did not foresee (a bug, or a
+    library's own error): it still exits 2, so scripts never read it as a tripped gate (exit 1).
+    """
+    if os.environ.get("MEMTRACK_DEBUG"):
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, MemtrackError):
+        message, hint = exc.message, exc.hint
+    elif isinstance(exc, OSError):
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"memtrack: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        print("  hint: check the path, permissions and free disk space; MEMTRACK_DEBUG=1 shows the traceback",
-              file=sys.stderr)
-        return 2
+        message = f"{exc.strerror or exc}{where}"
+        hint = "check the path, permissions and free disk space; MEMTRACK_DEBUG=1 shows the traceback"
+    else:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+        message = f"unexpected {type(exc).__name__} in `memtrack {command}`" + (f": {first}" if first else "")
+        hint = ("this is a bug in memtrack or in a library it calls; MEMTRACK_DEBUG=1 shows the traceback "
+                "(please report it with the output of `memtrack env`)")
+    print(f"memtrack: error: {message}", file=sys.stderr)
+    if hint:
+        print(textwrap.indent(f"hint: {hint}", "  "), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,6 +45,7 @@ from .config import Config
 from .data import Dataset, Record
 from .embedders import Embedder, fingerprint_diff
 from .errors import DataError, FingerprintMismatch, IndexError_
+from .index_hash import content_hash
 from .index_space import _baseline_meta, _embedded_in_memory, _prepare, _storage, _write_space
 from .utils import atomic_write_json, get_logger
 
@@ -164,6 +165,7 @@ class ReferenceIndex:
             skipped.extend(f.to_dict() for f in failed_all.values())
             manifest = _manifest(dataset, records, skipped, config, spaces_meta, baseline_meta, identity_block)
             _write_records(tmp / "records.jsonl", records)
+            manifest["content_hash"] = content_hash(tmp, manifest, records)  # what verdicts depend on
             atomic_write_json(tmp / MANIFEST, manifest)
             _replace_dir(tmp, out)
         except BaseException:
@@ -222,6 +224,31 @@ class ReferenceIndex:
     def fingerprint(self) -> dict:
         return {name: s.fingerprint for name, s in self.spaces.items()}
 
+    @property
+    def content_hash(self) -> str:
+        """``sha256:<hex>`` of the records, every space's vectors, rows and search settings, and the identity
+        threshold (:mod:`memtrack.index_hash`): equal hashes, equal verdicts. Read from the manifest; an
+        index written by an older memtrack gets it computed on first use (its vector files are streamed once
+        per process; the folder is not modified)."""
+        stored = self.manifest.get("content_hash") or self.__dict__.get("_content_hash")
+        if not stored:
+            logger.info("computing the content hash of %s (its manifest predates stored hashes)", self.path)
+            try:
+                stored = content_hash(self.path, self.manifest, self.records)
+            except (OSError, ValueError) as exc:
+                raise IndexError_(f"cannot read index {self.path} to hash its content: {exc}",
+                                  hint="rebuild the index") from None
+            self.__dict__["_content_hash"] = stored
+        return stored
+
+    def extends(self, content_hash: str | None) -> bool:
+        """True when this index holds the content ``content_hash`` names, or grew from it by ``add`` alone
+        (rows are only appended, so what was stored against it still names the same training images)."""
+        if not content_hash:
+            return False
+        grown_from = [a.get("previous_content_hash") for a in self.manifest.get("additions", [])]
+        return content_hash == self.content_hash or content_hash in grown_from
+
     def check_embedder(self, embedder: Embedder) -> None:
         """Refuse an embedder whose fingerprint differs from the index's, naming every difference."""
         if embedder.name not in self.spaces:
@@ -274,7 +301,7 @@ class ReferenceIndex:
 
     def summary(self) -> dict:
         """The ``index`` block of summary.json."""
-        return {"path": str(self.path), "n_train": self.n_train,
+        return {"path": str(self.path), "n_train": self.n_train, "content_hash": self.content_hash,
                 "n_skipped": len(self.manifest.get("skipped", [])),
                 "spaces": {n: {**s.fingerprint, "index_type": s.info.get("index_type"),
                                "n_vectors": s.info.get("n_vectors"), "views": int(s.info.get("views", 1)),

@@ -24,6 +24,7 @@ from . import index_space as spaces
 from .config import Config, from_dict
 from .data import Dataset, Record
 from .errors import IndexError_
+from .index_hash import content_hash
 from .utils import atomic_write_json, get_logger
 
 logger = get_logger(__name__)
@@ -58,13 +59,15 @@ def add_to_index(ref, data: Dataset | Sequence[Record], embedders: Sequence, con
         added = [*skipped, *(f.to_dict() for f in failed_all.values())]
         manifest["skipped"] = list(manifest.get("skipped", [])) + added
         manifest["n_train"] = len(records)
-        manifest.setdefault("additions", []).append(
+        manifest["additions"] = list(manifest.get("additions", [])) + [
             {"source": source, "n_added": len(new), "n_skipped": len(added),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "previous_content_hash": ref.content_hash}]
         ix._write_records(tmp / "records.jsonl", records)
         for old in ref.path.iterdir():  # files this update does not rewrite (nothing is lost)
             if old.is_file() and not (tmp / old.name).exists() and old.name != ix.MANIFEST:
                 shutil.copy2(old, tmp / old.name)
+        manifest["content_hash"] = content_hash(tmp, manifest, records)  # new images: new verdicts
         atomic_write_json(tmp / ix.MANIFEST, manifest)
         ix._replace_dir(tmp, ref.path)
     except BaseException:

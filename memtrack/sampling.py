@@ -9,7 +9,10 @@ one (the final pipeline has it), else from the config (the script's ``--ddpm_num
 ``--ddpm_beta_schedule``, ``--prediction_type``), and sampled with DDIM by default.
 
 Pipeline builders are registered by checkpoint kind (:func:`register_pipeline_builder`), so text-to-image,
-DreamBooth and LoRA checkpoints plug in without an if/elif chain here.
+DreamBooth and LoRA checkpoints plug in without an if/elif chain here. Each registers, beside its builder,
+where its scheduler comes from (:func:`planned_scheduler`): the scheduler actually used is part of the
+evaluation key, and it is known from config files before any weights are loaded, so a stored verdict is
+found (or not) first. :func:`scheduler_identity` is what the key holds.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from PIL import Image
 from .checkpoints import Checkpoint
 from .config import SamplingConfig
 from .errors import CheckpointError, ConfigError
-from .utils import get_logger, progress_bar, stable_hash
+from .utils import get_logger, json_safe, progress_bar, stable_hash
 
 logger = get_logger(__name__)
 
@@ -144,14 +147,53 @@ def _saved_scheduler(run_dir: Path | None) -> dict | None:
 # ------------------------------------------------------------------------------------------ builders
 
 PipelineBuilder = Callable[[Checkpoint, SamplingConfig, Optional[Path]], object]
+#: ``(checkpoint, sampling_config, run_dir) -> scheduler``, built from config files alone (no weights)
+SchedulerSource = Callable[[Checkpoint, SamplingConfig, Optional[Path]], object]
 _BUILDERS: dict[str, PipelineBuilder] = {}
+_SCHEDULERS: dict[str, SchedulerSource] = {}
 
 
-def register_pipeline_builder(kind: str, builder: PipelineBuilder, *, overwrite: bool = False) -> None:
-    """Register ``builder(checkpoint, sampling_config, run_dir) -> pipeline`` for a checkpoint kind."""
+def register_pipeline_builder(kind: str, builder: PipelineBuilder, *, scheduler: SchedulerSource | None = None,
+                              overwrite: bool = False) -> None:
+    """Register ``builder(checkpoint, sampling_config, run_dir) -> pipeline`` for a checkpoint kind.
+
+    ``scheduler`` returns the scheduler ``builder`` will sample with, built from configs only: it is part
+    of the evaluation key, computed before the store is asked whether the checkpoint is already done, so
+    it must not load a model. Without it, the kind is taken to sample with :func:`build_scheduler`'s.
+    """
     if kind in _BUILDERS and not overwrite:
         raise ValueError(f"a pipeline builder for {kind!r} is already registered")
     _BUILDERS[kind] = builder
+    if scheduler is not None:
+        _SCHEDULERS[kind] = scheduler
+    else:
+        _SCHEDULERS.pop(kind, None)
+
+
+def planned_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None = None):
+    """The scheduler checkpoint ``ck`` will be sampled with, from config files alone (cheap: no weights)."""
+    source = _SCHEDULERS.get(ck.kind)
+    return source(ck, cfg, run_dir) if source is not None else build_scheduler(cfg, run_dir)
+
+
+def scheduler_identity(scheduler) -> dict:
+    """``{"class", "config"}``: what sampling with ``scheduler`` depends on.
+
+    ``config`` holds the class's constructor arguments as resolved (defaults filled in). Keys the class
+    does not take (a DDPM-only ``variance_type`` left in a config that DDIM was built from) and diffusers'
+    bookkeeping (``_diffusers_version``, ``_use_default_values``) are left out: they change nothing.
+    """
+    import inspect
+
+    params = set(inspect.signature(type(scheduler).__init__).parameters) - {"self"}
+    config = {k: v for k, v in dict(scheduler.config).items() if k in params}
+    return {"class": type(scheduler).__name__, "config": json_safe(config)}
+
+
+def used_scheduler(pipeline) -> dict | None:
+    """:func:`scheduler_identity` of a pipeline's scheduler; None without a pipeline or a diffusers scheduler."""
+    sched = getattr(pipeline, "scheduler", None) if pipeline is not None else None
+    return scheduler_identity(sched) if hasattr(sched, "config") else None
 
 
 def _torch_dtype(name: str):
@@ -268,8 +310,12 @@ def _build_unconditional(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | No
     return pipe.to(cfg.device)
 
 
-register_pipeline_builder("unet", _build_unconditional)
-register_pipeline_builder("pipeline", _build_unconditional)
+def _unconditional_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
+    return build_scheduler(cfg, run_dir)
+
+
+register_pipeline_builder("unet", _build_unconditional, scheduler=_unconditional_scheduler)
+register_pipeline_builder("pipeline", _build_unconditional, scheduler=_unconditional_scheduler)
 
 
 def load_pipeline(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None = None):

@@ -1,16 +1,24 @@
 """The run store: SQLite (WAL) in ``<run>/memtrack/``, one transaction per checkpoint, resumable.
 
-An evaluation is keyed by the checkpoint's name and an *evaluation key* (a hash of the checkpoint's
-weights fingerprint, the sampling and detector config, and the index fingerprint). Re-running a scan skips
-checkpoints already evaluated with the same key and re-evaluates those whose key changed. Everything one
-checkpoint produces (the evaluation row, its metrics, its per-sample rows) is written in one transaction,
-so a kill leaves either all of it or none of it. Sample thumbnails are PNG files written atomically before
-the transaction; a thumbnail without a row is harmless and is overwritten on the next attempt.
+An evaluation is keyed by the checkpoint's name and an *evaluation key*: the hash of the checkpoint's
+weights and of its *series key*. The series key hashes everything else an evaluation was computed from --
+the sampling plan and config, the scheduler actually used, the detector config, the reference index's
+content hash, the probes (see :meth:`memtrack.tracker.Tracker.series_identity`) -- so the evaluations of
+one series are the points of one curve, and a report never draws two series on one curve. Each row names
+its series; the ``series`` table keeps what each series key was computed from.
+
+Re-running a scan skips checkpoints already evaluated with the same key and re-evaluates those whose key
+changed. Everything one checkpoint produces (the evaluation row, its metrics, its per-sample rows, its
+series entry) is written in one transaction, so a kill leaves either all of it or none of it. Sample
+thumbnails are PNG files written atomically before the transaction; a thumbnail without a row is harmless
+and is overwritten on the next attempt. Older stores are upgraded in place when opened
+(:mod:`memtrack.store_schema`).
 
 The folder is named ``memtrack`` -- never ``checkpoint*``, which diffusers' scripts parse and delete.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -20,51 +28,48 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .errors import StoreError
+from .store_schema import (LEGACY, SCHEMA_VERSION, check_version, prepare_schema, stored_version,  # noqa: F401
+                           upgradable)
 from .utils import get_logger
 
 logger = get_logger(__name__)
 
 STORE_DIR = "memtrack"
 DB_NAME = "store.sqlite"
-SCHEMA_VERSION = 1
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS evaluations (
-    id INTEGER PRIMARY KEY,
-    step INTEGER NOT NULL,
-    checkpoint TEXT NOT NULL,
-    weights TEXT,
-    eval_key TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('done', 'skipped')),
-    reason TEXT,
-    n_samples INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    duration_s REAL,
-    info TEXT NOT NULL DEFAULT '{}',
-    UNIQUE (checkpoint, eval_key)
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    eval_id INTEGER NOT NULL REFERENCES evaluations(id) ON DELETE CASCADE,
-    metric TEXT NOT NULL,
-    rate REAL, ci_low REAL, ci_high REAL, count INTEGER, n INTEGER,
-    extra TEXT NOT NULL DEFAULT '{}',
-    PRIMARY KEY (eval_id, metric)
-);
-CREATE TABLE IF NOT EXISTS samples (
-    eval_id INTEGER NOT NULL REFERENCES evaluations(id) ON DELETE CASCADE,
-    sample INTEGER NOT NULL,
-    seed INTEGER NOT NULL,
-    prompt TEXT,
-    sha256 TEXT,
-    thumb TEXT,
-    scores TEXT NOT NULL,
-    flags TEXT NOT NULL,
-    matches TEXT NOT NULL,
-    PRIMARY KEY (eval_id, sample)
-);
-CREATE INDEX IF NOT EXISTS evaluations_step ON evaluations(step);
-"""
+
+def _reads(fn):
+    """A read sqlite refuses (a damaged page, a file removed underneath) is a StoreError, not a traceback."""
+    @functools.wraps(fn)
+    def read(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot read the run store {self.folder}: {exc}",
+                             hint="the file may be damaged; `PRAGMA integrity_check` tells, and a copy can be "
+                                  "moved aside to start over") from None
+    return read
+
+
+@dataclass
+class Series:
+    """One evaluation series of a run: its key, what it was computed from, and what it holds."""
+
+    key: str
+    identity: dict
+    n_checkpoints: int = 0
+    n_samples: list = field(default_factory=list)
+    n_skipped: int = 0
+    first_evaluated: Optional[float] = None
+    last_evaluated: Optional[float] = None
+
+    @property
+    def legacy(self) -> bool:
+        """Recorded before series existed: what it was computed from is unknown, and may vary."""
+        return bool(self.identity.get("legacy"))
+
+    def to_dict(self) -> dict:
+        return {**dict(self.__dict__), "legacy": self.legacy}
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Evaluation:
     created: float
     duration_s: Optional[float]
     info: dict
+    series: str = LEGACY
     metrics: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -114,21 +120,13 @@ class RunStore:
         conn = None
         try:
             if readonly:
-                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
-                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                    # a process killed before its first commit leaves an empty database: nothing stored yet
-                    raise StoreError(f"no memtrack results in {run_dir} yet ({db} is empty)",
-                                     hint="run (or resume) `memtrack scan RUN --index DIR` first")
-                cls._check_schema(conn, db, readonly=True)  # sqlite opens lazily: read now, fail now
+                conn = cls._open_readonly(db, run_dir)
             else:
                 folder.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(db, timeout=30, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
-                # the whole schema and its version in one transaction: a kill leaves all of it or none
-                conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}INSERT OR IGNORE INTO meta VALUES "
-                                   f"('schema_version', '{SCHEMA_VERSION}');COMMIT;")
-                cls._check_schema(conn, db)
+                prepare_schema(conn, db)
             conn.execute("PRAGMA foreign_keys=ON")
             conn.row_factory = sqlite3.Row
         except (sqlite3.DatabaseError, OSError, StoreError) as exc:
@@ -144,16 +142,27 @@ class RunStore:
                              ) from None
         return cls(folder, conn)
 
-    @staticmethod
-    def _check_schema(conn: sqlite3.Connection, db: Path, readonly: bool = False) -> None:
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None and readonly:
-            raise StoreError(f"{db} is not a memtrack run store (it has no schema version)")
-        if row is None:
-            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise StoreError(f"{db} has schema version {row[0]}; this memtrack uses {SCHEMA_VERSION}",
-                             hint="use the memtrack version that wrote it, or move the store aside")
+    @classmethod
+    def _open_readonly(cls, db: Path, run_dir) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
+        try:
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                # a process killed before its first commit leaves an empty database: nothing stored yet
+                raise StoreError(f"no memtrack results in {run_dir} yet ({db} is empty)",
+                                 hint="run (or resume) `memtrack scan RUN --index DIR` first")
+            version = stored_version(conn)  # sqlite opens lazily: read now, fail now
+            if version is None:
+                raise StoreError(f"cannot open the run store {db}: it is not a memtrack run store (no schema "
+                                 "version)", hint="move it aside, or pass the folder of a memtrack store")
+            if upgradable(version):  # an older store: upgrade it in place, then read it
+                conn.close()
+                _upgrade_for_reading(db, version)
+                return cls._open_readonly(db, run_dir)
+            check_version(version, db)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def close(self) -> None:
         self.conn.close()
@@ -190,11 +199,13 @@ class RunStore:
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
+    @_reads
     def get_meta(self, key: str, default=None):
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
     # ------------------------------------------------------------------------------------ writing
+    @_reads
     def find(self, checkpoint: str, eval_key: str) -> Optional[Evaluation]:
         row = self.conn.execute("SELECT * FROM evaluations WHERE checkpoint=? AND eval_key=?",
                                 (checkpoint, eval_key)).fetchone()
@@ -204,19 +215,21 @@ class RunStore:
         return self.find(checkpoint, eval_key) is not None
 
     def record(self, *, step: int, checkpoint: str, weights: str | None, eval_key: str, metrics: dict,
-               samples: list[dict], info: dict, duration_s: float | None = None) -> int:
+               samples: list[dict], info: dict, duration_s: float | None = None, series: str = LEGACY,
+               series_identity: dict | None = None) -> int:
         """Store one finished evaluation (its row, metrics and samples) in a single transaction.
 
-        An evaluation already stored under the same checkpoint and key (``scan --force``, or a second
-        writer that evaluated the same state) is replaced in the same transaction: never counted twice.
+        ``series`` is the evaluation's series key and ``series_identity`` what it hashes (kept once per
+        series). An evaluation already stored under the same checkpoint and key (``scan --force``, or a
+        second writer that evaluated the same state) is replaced in the same transaction: never counted twice.
         """
         with self.transaction() as c:
             c.execute("DELETE FROM evaluations WHERE checkpoint=? AND eval_key=?", (checkpoint, eval_key))
             cur = c.execute(
                 "INSERT INTO evaluations (step, checkpoint, weights, eval_key, status, n_samples, created, "
-                "duration_s, info) VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?)",
+                "duration_s, info, series) VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, ?)",
                 (step, checkpoint, weights, eval_key, len(samples), time.time(), duration_s,
-                 json.dumps(info, default=_default)))
+                 json.dumps(info, default=_default), series))
             eval_id = cur.lastrowid
             c.executemany(
                 "INSERT INTO metrics (eval_id, metric, rate, ci_low, ci_high, count, n, extra) "
@@ -231,13 +244,17 @@ class RunStore:
                 [(eval_id, s["sample"], s["seed"], s.get("prompt"), s.get("sha256"), s.get("thumb"),
                   json.dumps(s["scores"], default=_default), json.dumps(s["flags"], default=_default),
                   json.dumps(s["matches"], default=_default)) for s in samples])
+            _add_series(c, series, series_identity)
         return int(eval_id)
 
-    def record_skip(self, *, step: int, checkpoint: str, eval_key: str, reason: str) -> None:
+    def record_skip(self, *, step: int, checkpoint: str, eval_key: str, reason: str, series: str = LEGACY,
+                    series_identity: dict | None = None) -> None:
         """Record that a checkpoint was skipped (vanished, half-written, unknown layout): never retried."""
         with self.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO evaluations (step, checkpoint, eval_key, status, reason, created) "
-                      "VALUES (?, ?, ?, 'skipped', ?, ?)", (step, checkpoint, eval_key, reason, time.time()))
+            c.execute("INSERT OR IGNORE INTO evaluations (step, checkpoint, eval_key, status, reason, created, "
+                      "series) VALUES (?, ?, ?, 'skipped', ?, ?, ?)",
+                      (step, checkpoint, eval_key, reason, time.time(), series))
+            _add_series(c, series, series_identity)
 
     # ------------------------------------------------------------------------------------ reading
     def _evaluation(self, row: sqlite3.Row) -> Evaluation:
@@ -245,10 +262,17 @@ class RunStore:
         d["info"] = json.loads(d["info"] or "{}")
         return Evaluation(**d)
 
-    def evaluations(self, *, status: str | None = "done", latest_per_checkpoint: bool = True) -> list[Evaluation]:
-        """Stored evaluations in step order (by default the newest done one per checkpoint)."""
-        q = "SELECT * FROM evaluations" + (" WHERE status=?" if status else "") + " ORDER BY step, id"
-        rows = [self._evaluation(r) for r in self.conn.execute(q, (status,) if status else ())]
+    @_reads
+    def evaluations(self, *, status: str | None = "done", latest_per_checkpoint: bool = True,
+                    series: str | None = None) -> list[Evaluation]:
+        """Stored evaluations in step order (by default the newest done one per checkpoint).
+
+        ``series``: only that series' evaluations (a report's curve); None: every series.
+        """
+        where = [(c, v) for c, v in (("status=?", status), ("series=?", series)) if v is not None]
+        q = ("SELECT * FROM evaluations" + (" WHERE " + " AND ".join(c for c, _ in where) if where else "")
+             + " ORDER BY step, id")
+        rows = [self._evaluation(r) for r in self.conn.execute(q, tuple(v for _, v in where))]
         if latest_per_checkpoint:
             latest: dict[str, Evaluation] = {}
             for ev in rows:
@@ -258,6 +282,47 @@ class RunStore:
             ev.metrics = self.metrics(ev.id)
         return rows
 
+    # ------------------------------------------------------------------------------------- series
+    @_reads
+    def list_series(self) -> list[Series]:
+        """Every series holding an evaluation, the most recently evaluated first."""
+        identities = {r["key"]: json.loads(r["identity"]) for r in self.conn.execute("SELECT * FROM series")}
+        out = []
+        for r in self.conn.execute(
+                "SELECT series, count(DISTINCT CASE WHEN status='done' THEN checkpoint END) AS n_ck, "
+                "sum(status='skipped') AS n_skip, min(created) AS first, max(created) AS last "
+                "FROM evaluations GROUP BY series"):
+            counts = [int(x[0]) for x in self.conn.execute(
+                "SELECT DISTINCT n_samples FROM evaluations WHERE series=? AND status='done' ORDER BY n_samples",
+                (r["series"],))]
+            out.append(Series(r["series"], identities.get(r["series"], {}), int(r["n_ck"]), counts,
+                              int(r["n_skip"] or 0), r["first"], r["last"]))
+        return sorted(out, key=lambda x: -(x.last_evaluated or 0.0))
+
+    @_reads
+    def latest_series(self) -> Optional[str]:
+        """The series of the newest done evaluation (of the newest skip when nothing was evaluated)."""
+        row = self.conn.execute("SELECT series FROM evaluations ORDER BY status='done' DESC, created DESC, id DESC "
+                                "LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def resolve_series(self, prefix: str) -> str:
+        """The one stored series whose key starts with ``prefix``.
+
+        Raises:
+            StoreError: none does, or several do (each is named).
+        """
+        keys = [x.key for x in self.list_series()]
+        hits = [k for k in keys if k == prefix] or [k for k in keys if k.startswith(prefix)]
+        if len(hits) == 1:
+            return hits[0]
+        listed = ", ".join(hits if hits else keys) or "none"
+        raise StoreError(f"no evaluation series {prefix!r} in {self.folder}" if not hits else
+                         f"{prefix!r} names {len(hits)} evaluation series in {self.folder}: {listed}",
+                         hint=f"stored series: {listed}; `memtrack status RUN --json` lists them" if not hits
+                         else "give more characters of the key")
+
+    @_reads
     def metrics(self, eval_id: int) -> dict:
         out = {}
         for r in self.conn.execute("SELECT * FROM metrics WHERE eval_id=?", (eval_id,)):
@@ -266,6 +331,7 @@ class RunStore:
             out[r["metric"]] = {k: v for k, v in m.items() if v is not None}
         return out
 
+    @_reads
     def samples(self, eval_id: int) -> list[dict]:
         out = []
         for r in self.conn.execute("SELECT * FROM samples WHERE eval_id=? ORDER BY sample", (eval_id,)):
@@ -280,6 +346,25 @@ class RunStore:
 
     def thumb_dir(self, eval_key: str, checkpoint: str) -> Path:
         return self.folder / "samples" / checkpoint / eval_key
+
+
+def _add_series(c: sqlite3.Connection, key: str, identity: dict | None) -> None:
+    c.execute("INSERT OR IGNORE INTO series (key, identity, created) VALUES (?, ?, ?)",
+              (key, json.dumps(identity or {}, default=_default), time.time()))
+
+
+def _upgrade_for_reading(db: Path, version: int) -> None:
+    """Upgrade an older store for a reader, through a short-lived writable connection."""
+    try:
+        conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+        try:
+            prepare_schema(conn, db)
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        raise StoreError(f"{db} was written by an older memtrack (schema {version}) and cannot be upgraded here: "
+                         f"{exc}", hint="open it once where it is writable (e.g. `memtrack status RUN`), or copy "
+                                        "the store folder somewhere writable") from None
 
 
 def _default(obj):

@@ -29,11 +29,13 @@ from .errors import CheckpointError, ConfigError
 from .identity_index import face_evidence  # also registers the identity detectors
 from .index import ReferenceIndex
 from .metrics import aggregate, per_sample_rows
-from .sampling import SamplePlan, Samples, load_pipeline, sample
+from .eval_identity import eval_key, series_identity, series_key, source_of
+from .sampling import (SamplePlan, Samples, load_pipeline, planned_scheduler, sample, scheduler_identity,
+                       used_scheduler)
 from .sampling_t2i import live_checkpoint, pipeline_for_models, prompts_for  # also registers the t2i builders
 from .store import RunStore
 from .tracker_probes import make_loss_gap_probe, run_probes
-from .utils import atomic_write_bytes, get_logger, stable_hash
+from .utils import atomic_write_bytes, get_logger
 
 logger = get_logger(__name__)
 
@@ -55,6 +57,8 @@ class EvalResult:
     cached: bool = False
     reason: str | None = None
     probes: dict = field(default_factory=dict)
+    series: str | None = None
+    eval_key: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,39 +115,52 @@ class Tracker:
             rs = RunStore.open(run_dir, folder=store_dir)
             rs.set_meta("config", cfg.to_dict())
             rs.set_meta("index", {"path": str(Path(ref.path).resolve()), "fingerprint": ref.fingerprint,
-                                  "n_train": ref.n_train})
+                                  "n_train": ref.n_train, "content_hash": ref.content_hash})
         return cls(ref, embedders, cfg, rs, run_dir, accelerator, prompts)
 
     # ---------------------------------------------------------------------------------- evaluation
-    def eval_key(self, ck: Checkpoint) -> str:
-        """What makes two evaluations of a checkpoint the same: weights, sampling, detectors, index."""
-        cfg = self.config.to_dict()
-        return stable_hash({"weights": ck.fingerprint(), "weights_name": ck.weights_name,
-                            "sampling": {k: v for k, v in cfg["sampling"].items() if k not in ("device", "batch_size")},
-                            "detectors": cfg["detectors"], "index": self.index.fingerprint,
-                            "probes": {k: v for k, v in cfg["dynamics"].items()
-                                       if k.startswith(("loss_gap", "noise_magnitude", "heldout"))},
-                            "index_k": cfg["index"]["k"], "plan": self.plan.key()})
+    def series_identity(self, ck: Checkpoint, scheduler: dict | None = None) -> dict:
+        """What evaluating ``ck`` depends on apart from its weights (:mod:`memtrack.eval_identity`).
+
+        ``scheduler``: the identity of the scheduler that will sample (default: the one ``ck``'s pipeline
+        builder plans, read from config files -- no model is loaded, so the store is asked first).
+        """
+        if scheduler is None:
+            scheduler = scheduler_identity(planned_scheduler(ck, self.config.sampling, self.run_dir))
+        return series_identity(self.config, self.index, self.plan, scheduler, [e.name for e in self.embedders],
+                               source_of(ck))
+
+    def eval_key(self, ck: Checkpoint, series: str | None = None) -> str:
+        """What makes two evaluations of a checkpoint the same: its weights and its series key."""
+        return eval_key(series or series_key(self.series_identity(ck)), ck)
 
     def evaluate(self, ck: Checkpoint, *, force: bool = False, pipeline=None) -> EvalResult:
-        """Evaluate one checkpoint (skipped when already stored with the same evaluation key)."""
-        key = self.eval_key(ck)
+        """Evaluate one checkpoint (answered from the store when evaluated before under the same key).
+
+        ``pipeline``: sample with this pipeline instead of rebuilding one from ``ck`` (its scheduler is then
+        the one in the key).
+        """
+        ident = self.series_identity(ck, used_scheduler(pipeline))
+        series = series_key(ident)
+        key = eval_key(series, ck)
         if not force:
             done = self._agree(self.store.find(ck.name, key) if self.store is not None else None)
             if done is not None:
                 logger.info("%s already evaluated (key %s); skipping", ck.name, key)
-                metrics = self.store.metrics(done.id) if self.store is not None else {}
-                return EvalResult(ck.step, ck.name, metrics, n_samples=done.n_samples,
-                                  cached=True, skipped=done.status == "skipped", reason=done.reason)
+                metrics = self.store.metrics(done.id) if self.store is not None else {}  # other processes: none
+                return EvalResult(ck.step, ck.name, metrics, n_samples=done.n_samples, cached=True,
+                                  skipped=done.status == "skipped", reason=done.reason, series=series, eval_key=key)
         t0 = time.perf_counter()
         # 1. sample (each process its share of the seed plan; gathered in global-index order)
         try:
             samples, pipe = self._sample(ck, pipeline)
         except CheckpointError as exc:
-            return self._skip(ck, key, exc.message)
+            return self._skip(ck, key, exc.message, series, ident)
         if not _is_main(self.accelerator):
             return EvalResult(ck.step, ck.name, n_samples=len(samples.images), skipped=True,
                               reason="not the main process")
+        # 1b. the verdict is stored under the scheduler that sampled, should a builder not do what it planned
+        ident, series, key = self._identity_used(ck, pipe, ident, series, key)
         timings = {"sampling": time.perf_counter() - t0}
         # 2-4. embed, search, detect
         outputs = self.assess(samples.images, timings=timings)
@@ -156,7 +173,7 @@ class Tracker:
         if probes:
             timings["probes"] = time.perf_counter() - t_probe
         result = EvalResult(ck.step, ck.name, agg["metrics"], agg["top_matches"], agg["distinct_train_images"],
-                            len(samples.images), time.perf_counter() - t0, probes=probes)
+                            len(samples.images), time.perf_counter() - t0, probes=probes, series=series, eval_key=key)
         # 6. store (thumbnails first, then one transaction)
         if self.store is not None:
             rows = self._sample_rows(samples, outputs, ck, key)
@@ -165,7 +182,8 @@ class Tracker:
                     "thresholds": thresholds_block(outputs, self.config),
                     "timings": {k: round(v, 3) for k, v in timings.items()}, **probes}
             self.store.record(step=ck.step, checkpoint=ck.name, weights=ck.weights_name, eval_key=key,
-                              metrics=agg["metrics"], samples=rows, info=info, duration_s=result.duration_s)
+                              metrics=agg["metrics"], samples=rows, info=info, duration_s=result.duration_s,
+                              series=series, series_identity=ident)
         # 7. log next to the training loss
         self._log(result)
         return result
@@ -214,17 +232,33 @@ class Tracker:
             raise ConfigError("Tracker.step needs the model: pass unet= (or pipeline=)")
         self._last_step = global_step
         model = unet if unet is not None else pipeline.unet
+        if text_encoder is None and pipeline is not None:
+            text_encoder = getattr(pipeline, "text_encoder", None)
         was_training = model.training
         model.eval()
         try:
             pipe = pipeline or pipeline_for_models(self.config.sampling, self.run_dir, unet, text_encoder)
-            return self.evaluate(live_checkpoint(global_step, self.run_dir, model), pipeline=pipe, force=force)
+            # keyed by the weights' content: a restarted or retrained run is never answered from the store
+            ck = live_checkpoint(global_step, self.run_dir, model, text_encoder)
+            return self.evaluate(ck, pipeline=pipe, force=force)
         finally:
             model.train(was_training)
 
+    def _identity_used(self, ck: Checkpoint, pipe, ident: dict, series: str, key: str) -> tuple[dict, str, str]:
+        """``(identity, series key, eval key)`` of the scheduler ``pipe`` really holds (the planned ones when
+        they agree, which they do for every built-in builder; a plug-in's may not)."""
+        used = used_scheduler(pipe)
+        if used is None or used == ident["scheduler"]:
+            return ident, series, key
+        logger.warning("%s was sampled with a %s other than the scheduler planned (%s); its verdict is stored under "
+                       "the one used", ck.name, used["class"], ident["scheduler"].get("class"))
+        ident = self.series_identity(ck, used)
+        return ident, series_key(ident), eval_key(series_key(ident), ck)
+
     def skip(self, ck: Checkpoint, reason: str) -> EvalResult:
         """Record ``ck`` as skipped (vanished, half-written, unknown layout) so it is never retried."""
-        return self._skip(ck, self.eval_key(ck), reason)
+        ident = self.series_identity(ck)
+        return self._skip(ck, eval_key(series_key(ident), ck), reason, series_key(ident), ident)
 
     def _agree(self, value):
         """The main process's ``value`` on every process (decisions that select collective work)."""
@@ -269,11 +303,12 @@ class Tracker:
         arrays = [a for _, part in shares for a in part]
         return Samples([Image.fromarray(a) for a in arrays], self.plan.items()), pipe
 
-    def _skip(self, ck: Checkpoint, key: str, reason: str) -> EvalResult:
+    def _skip(self, ck: Checkpoint, key: str, reason: str, series: str, ident: dict) -> EvalResult:
         logger.warning("skipping %s: %s", ck.name, reason)
         if self.store is not None:
-            self.store.record_skip(step=ck.step, checkpoint=ck.name, eval_key=key, reason=reason)
-        return EvalResult(ck.step, ck.name, skipped=True, reason=reason)
+            self.store.record_skip(step=ck.step, checkpoint=ck.name, eval_key=key, reason=reason, series=series,
+                                   series_identity=ident)
+        return EvalResult(ck.step, ck.name, skipped=True, reason=reason, series=series, eval_key=key)
 
     def _sample_rows(self, samples: Samples, outputs: list[DetectorOutput], ck: Checkpoint, key: str) -> list[dict]:
         thumbs = self.store.thumb_dir(key, ck.name)

@@ -48,7 +48,7 @@ def test_create_and_open(run):
         assert store.evaluations() == []
     assert not any(p.name.startswith("checkpoint") for p in run.rglob("*"))  # diffusers would parse it
     with RunStore.open(run, create=False) as store:  # reopening an existing store
-        assert store.get_meta("schema_version") == 1
+        assert store.get_meta("schema_version") == 2  # schema 2: evaluation series
 
 
 def test_custom_folder(tmp_path):

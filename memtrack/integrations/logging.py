@@ -46,7 +46,7 @@ def match_grid(tracker, ck, result, max_pairs: Optional[int] = None) -> Optional
     if tracker.store is None or not result.top_matches:
         return None
     max_pairs = max_pairs or tracker.config.tracking.grid_matches
-    thumbs = tracker.store.thumb_dir(tracker.eval_key(ck), ck.name)
+    thumbs = tracker.store.thumb_dir(getattr(result, "eval_key", None) or tracker.eval_key(ck), ck.name)
     rows, seen = [], set()
     for m in result.top_matches:
         key = (m.get("sample"), m.get("train_row"))

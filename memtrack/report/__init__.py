@@ -15,37 +15,43 @@ from ..errors import GateError
 from ..store import RunStore
 from ..utils import atomic_write_json, atomic_write_text, get_logger
 from .gate import check_gates, parse_gate
+from .series import select_series
 from .summary import build_gallery, build_summary, open_index_for
 
 logger = get_logger(__name__)
 
 
 def run_summary(run_dir: str | Path, *, store_dir: str | Path | None = None, index=None,
-                with_index: bool = True) -> dict:
-    """The summary dict of one run (read-only access to its store)."""
+                with_index: bool = True, key: str | None = None, config: str | Path | None = None) -> dict:
+    """The summary dict of one run (read-only access to its store), for one evaluation series: the
+    latest, or the one ``key`` (a prefix) or ``config`` (a config file) names (:mod:`memtrack.report.series`)."""
     store = RunStore.open(run_dir, folder=store_dir, create=False, readonly=True)
     try:
+        selection = select_series(store, run_dir, key=key, config=config, index=index)
         ref = open_index_for(store, index) if with_index else None
-        return build_summary(store, run_dir, ref)
+        return build_summary(store, run_dir, ref, selection=selection)
     finally:
         store.close()
 
 
 def write_report(runs: Sequence[str | Path], *, out: str | Path | None = None, fmt: str = "html",
                  index: str | Path | None = None, store_dir: str | Path | None = None,
-                 gates: Sequence[str] = (), quiet: bool = False) -> int:
+                 gates: Sequence[str] = (), quiet: bool = False, key: str | None = None,
+                 config: str | Path | None = None) -> int:
     """Write the report of ``runs[0]`` (others overlaid) and ``summary.json`` beside it; evaluate gates.
 
-    Returns the exit code: 0 when every gate holds, 1 when one trips (each tripped gate is named on
-    stderr). Gates are parsed before anything is written, so a typo fails fast (exit 2).
+    ``key`` / ``config`` choose the evaluation series of ``runs[0]`` (default: the latest; the others'
+    latest are overlaid). Returns the exit code: 0 when every gate holds, 1 when one trips (each tripped
+    gate is named on stderr). Gates are parsed before anything is written, so a typo fails fast (exit 2).
     """
     for g in gates:
         parse_gate(g)
     main_run = Path(runs[0])
     store = RunStore.open(main_run, folder=store_dir, create=False, readonly=True)
     try:
+        selection = select_series(store, main_run, key=key, config=config, index=index)
         ref = open_index_for(store, index)
-        summary = build_summary(store, main_run, ref)
+        summary = build_summary(store, main_run, ref, selection=selection)
         gallery = build_gallery(store, summary, ref) if fmt != "json" else []
     finally:
         store.close()
@@ -86,10 +92,17 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _changes(previous: dict, current: dict) -> dict:
-    """What changed since the last report of this run: new checkpoints and new onsets."""
-    old_steps = {c["step"] for c in previous.get("checkpoints", [])}
-    old_onsets = {m for m, o in previous.get("onset", {}).items() if o.get("step") is not None}
-    return {"since": previous.get("generated_at"),
+    """What changed since the last report of this run: new checkpoints and new onsets.
+
+    When the last report showed another evaluation series, nothing of it carries over: every checkpoint
+    and onset of this one is new, and ``series_changed_from`` names the old series.
+    """
+    old_series = (previous.get("series") or {}).get("key")
+    changed = old_series is not None and old_series != (current.get("series") or {}).get("key")
+    old_steps = set() if changed else {c["step"] for c in previous.get("checkpoints", [])}
+    old_onsets = set() if changed else {m for m, o in previous.get("onset", {}).items() if o.get("step") is not None}
+    extra = {"series_changed_from": old_series} if changed else {}
+    return {"since": previous.get("generated_at"), **extra,
             "new_checkpoints": [c["step"] for c in current["checkpoints"] if c["step"] not in old_steps],
             "new_onsets": [m for m, o in current.get("onset", {}).items()
                            if o.get("step") is not None and m not in old_onsets]}

@@ -16,6 +16,7 @@ from .html_charts import curves_section, distributions_section, run_names, traje
 from .html_gallery import identities_section, matches_section
 from .html_probes import probes_section
 from .markup import Raw, badge, esc, facts, section, table
+from .series import series_lines
 from .style import CSS
 from .text import (changes_sentence, checkpoints, fmt_ci, fmt_num, fmt_pct, fmt_step, label, onset_sentences,
                    rate_metrics, recommended_sentence)
@@ -96,6 +97,7 @@ def _verdict(summary: dict) -> Raw:
         body += f'<p class="rec">{esc(rec)}</p>'
     changes = changes_sentence(summary)
     extra = f'<p class="changes">{esc(changes)}</p>' if changes else ""
+    extra += "".join(f'<p class="series">{esc(line)}</p>' for line in series_lines(summary))
     return Raw(f'<section id="verdict" aria-label="summary"><div class="{cls}">{body}</div>{extra}</section>')
 
 

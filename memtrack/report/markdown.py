@@ -18,6 +18,7 @@ from pathlib import Path
 from ..utils import atomic_write_bytes
 from .html_charts import run_names
 from .markup import image_mime
+from .series import series_lines
 from .svg import DASHES, OKABE_ITO
 from .text import (changes_sentence, checkpoints, comparison, fmt_ci, fmt_pct, fmt_step, label,
                    onset_sentences, rate_metrics, recommended_sentence, series)
@@ -63,6 +64,7 @@ def _verdict(summary: dict) -> list[str]:
     lines = [f"**{md(sentences[0])}**"] if sentences else []
     lines += [md(s) for s in sentences[1:]]
     lines += [md(s) for s in (recommended_sentence(summary), changes_sentence(summary)) if s]
+    lines += [md(s) for s in series_lines(summary)]
     return ["  \n".join(lines)] if lines else []
 
 

@@ -14,6 +14,7 @@ from ..errors import DataError, MemtrackError
 from ..index import ReferenceIndex
 from ..store import RunStore
 from ..utils import get_logger
+from .series import Selection, identity_of, one_per_step, sampling_block, series_block
 
 logger = get_logger(__name__)
 
@@ -36,12 +37,16 @@ def open_index_for(store: RunStore, index: str | Path | ReferenceIndex | None = 
 
 
 def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | None = None,
-                  config: Config | None = None) -> dict:
-    """The ``summary.json`` dict of one run, from its store."""
+                  config: Config | None = None, selection: Selection | None = None) -> dict:
+    """The ``summary.json`` dict of one run, from its store: one evaluation series (``selection``,
+    default the latest; see :mod:`memtrack.report.series`), with the others listed in ``series``."""
     if config is None:
         stored = store.get_meta("config")
         config = from_dict(Config, stored) if stored else Config()
-    evals = store.evaluations()
+    selection = selection or Selection(store.latest_series())
+    evals, duplicates = one_per_step(store.evaluations(series=selection.key) if selection.key else [])
+    identity = identity_of(store, selection.key)
+    index = index_for_series(index, identity, selection.key)
     checkpoints, thresholds = [], {}
     for ev in evals:
         info = ev.info
@@ -55,7 +60,7 @@ def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | 
             **{k: info[k] for k in ("loss_gap", "noise_magnitude") if k in info},
         })
     skipped = [{"step": e.step, "checkpoint": e.checkpoint, "reason": e.reason}
-               for e in store.evaluations(status="skipped")]
+               for e in store.evaluations(status="skipped", series=selection.key)] if selection.key else []
     on = onsets(checkpoints, config.dynamics.baseline_rate, config.dynamics.persistence)
     summary = {
         "memtrack_version": __version__,
@@ -70,8 +75,8 @@ def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | 
                        "persistence": config.dynamics.persistence,
                        "interval": "95% Wilson lower bound"},
         "recommended_checkpoint": last_clean_checkpoint(checkpoints, on),
-        "sampling": {k: v for k, v in config.to_dict()["sampling"].items()
-                     if k in ("num_samples", "seed", "num_inference_steps", "scheduler", "guidance_scale")},
+        "sampling": sampling_block(identity, evals),
+        "series": series_block(store, selection, duplicates),
     }
     if index is not None:
         summary["dataset"] = dict(index.manifest.get("dataset", {}))
@@ -90,6 +95,19 @@ def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | 
         summary["noise_magnitude"] = noise
     summary.update(seed_dynamics(store, evals, index, config))
     return summary
+
+
+def index_for_series(index: ReferenceIndex | None, identity: dict, key: str | None) -> Optional[ReferenceIndex]:
+    """``index`` when the series' stored rows name its training images: it is the index the series was
+    computed against, or grew from it by ``add`` (rows only appended). A rebuilt index is not used: its
+    rows may name other images."""
+    used = (identity.get("index") or {}).get("content_hash")
+    if index is None or not used or index.extends(used):
+        return index
+    logger.warning("the index %s is not the one evaluation series %s was computed against (content %s, now %s): "
+                   "the report shows no training images; rescan to evaluate against it", index.path, key,
+                   used, index.content_hash)
+    return None
 
 
 def seed_dynamics(store: RunStore, evals: list, index: ReferenceIndex | None, config: Config) -> dict:
@@ -183,7 +201,8 @@ def _baseline_block(index: ReferenceIndex) -> dict:
 def build_gallery(store: RunStore, summary: dict, index: ReferenceIndex | None, max_items: int = 12) -> list[dict]:
     """The strongest matches of the run (latest checkpoints first), with sample and training images."""
     items, seen = [], set()
-    evals = {e.checkpoint: e for e in store.evaluations()}
+    key = (summary.get("series") or {}).get("key")
+    evals = {e.checkpoint: e for e in store.evaluations(series=key)} if key else {}
     for ck in sorted(summary["checkpoints"], key=lambda c: -c["step"]):
         ev = evals.get(ck["checkpoint"])
         if ev is None:
@@ -201,10 +220,10 @@ def build_gallery(store: RunStore, summary: dict, index: ReferenceIndex | None, 
                 sample_png = (store.folder / s["thumb"]).read_bytes()
             except OSError:
                 continue
-            rec = _record(index, m.get("train_row"))
+            rec = _record(index, m.get("train_row"), m.get("train_id"))
             blend = None
             if m.get("train_row_b") is not None:
-                rec_b = _record(index, m["train_row_b"])
+                rec_b = _record(index, m["train_row_b"], m.get("train_id_b"))
                 blend = {"a_png": _train_png(rec), "b_png": _train_png(rec_b),
                          "a": m.get("identity_a") or m.get("train_id"), "b": m.get("identity_b") or m.get("train_id_b")}
             items.append({"step": ck["step"], "seed": m["seed"], "detector": m["detector"], "score": m["score"],
@@ -215,10 +234,12 @@ def build_gallery(store: RunStore, summary: dict, index: ReferenceIndex | None, 
     return items
 
 
-def _record(index: ReferenceIndex | None, row):
+def _record(index: ReferenceIndex | None, row, train_id=None):
+    """The training record of a stored match, when the index still holds it at that row."""
     if index is None or row is None or row < 0 or row >= len(index.records):
         return None
-    return index.records[row]
+    rec = index.records[row]
+    return rec if train_id is None or rec.id == train_id else None
 
 
 def _train_png(rec) -> bytes | None:

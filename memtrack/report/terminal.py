@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import unicodedata
 
+from .series import series_lines
 from .text import (changes_sentence, checkpoints, fmt_ci, fmt_pct, fmt_step, label, onset_sentences,
                    rate_metrics, recommended_sentence)
 
@@ -43,6 +44,7 @@ def render_table(summary: dict) -> str:
     for extra in (recommended_sentence(summary), changes_sentence(summary)):
         if extra:
             lines.append(extra)
+    lines.extend(series_lines(summary))
     return "\n".join(_printable(line) for line in lines)
 
 
