@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="store folder (default RUN/memtrack)")
     s.add_argument("--force", action="store_true", help="re-evaluate checkpoints already stored")
     s.add_argument("--json", action="store_true", help="print per-checkpoint results as JSON lines")
+    s.add_argument("--threads", type=int, help="CPU threads (tracking.threads; default: all usable cores)")
 
     # report
     r = sub.add_parser("report", help="write report.html + summary.json for one or more runs",
@@ -132,7 +133,8 @@ def _overrides(args) -> dict:
     return {"sampling.num_samples": getattr(args, "num_samples", None),
             "sampling.num_inference_steps": getattr(args, "steps", None),
             "sampling.device": getattr(args, "device", None),
-            "sampling.prefer_ema": False if getattr(args, "no_ema", False) else None}
+            "sampling.prefer_ema": False if getattr(args, "no_ema", False) else None,
+            "tracking.threads": getattr(args, "threads", None)}
 
 
 def cmd_index_build(args) -> int:
@@ -235,7 +237,10 @@ def cmd_scan(args) -> int:
     from .config import load_config
     from .tracker import Tracker
 
+    from .budget import for_command
+
     cfg = load_config(args.config, _overrides(args))
+    for_command(cfg, beside_training=False)  # before any torch work (memtrack/budget.py)
     cks = discover(args.run, prefer_ema=cfg.sampling.prefer_ema)
     tracker = Tracker.from_config(cfg, index=args.index, run_dir=args.run, store_dir=args.store)
     try:

@@ -136,6 +136,10 @@ class TrackingConfig:
     log_images: bool = _f(True, "log the strongest matches as an image grid next to the rates")
     grid_matches: int = _f(8, "matches (sample | training image pairs) in the image grid")
     logging_dir: Optional[str] = _f(None, "sidecar: tensorboard folder (default: the one the training script writes)")
+    threads: Optional[int] = _f(None, "CPU threads of memtrack's own processes (torch, OpenMP, BLAS, faiss; never "
+                                "the training command's); default: all usable cores for scan, 1 beside training "
+                                "(watch, launch), or the cores launch --threads-for-training leaves "
+                                "(docs/integrations.md)")
 
 
 @dataclass
@@ -306,6 +310,8 @@ def _validate(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.persistence must be >= 0, got {obj.persistence}")
     if isinstance(obj, TrackingConfig) and obj.quiet_period_s < 0:
         raise ConfigError(f"{where}.quiet_period_s must be >= 0, got {obj.quiet_period_s}")
+    if isinstance(obj, TrackingConfig) and obj.threads is not None and obj.threads < 1:
+        raise ConfigError(f"{where}.threads must be >= 1, got {obj.threads}", hint="leave it unset for the default rule")
     if isinstance(obj, IndexConfig):
         _validate_index(obj, where)
 
