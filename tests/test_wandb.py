@@ -175,3 +175,14 @@ def test_wandb_sink_refuses_a_step_that_goes_back_and_unknown_loggers(tmp_path, 
                                                     (30, "memtrack/nn_ratio"): 0.3, (30, "memtrack/distinct_train_images"): 0}
     with pytest.raises(ConfigError, match="unknown logger 'wandbb'"):
         _config(**{"tracking.loggers": ["wandbb"]})
+
+
+def test_wandb_logger_without_wandb_names_the_extra(tmp_path, monkeypatch):
+    from memtrack.errors import DependencyError
+    from memtrack.integrations import wandb_sink
+    from memtrack.integrations.logging import sinks_for_run
+
+    monkeypatch.setattr(wandb_sink, "is_wandb_available", lambda: False)
+    with pytest.raises(DependencyError, match="wandb is not installed") as err:
+        sinks_for_run(tmp_path / "run", _config(**{"tracking.loggers": ["wandb"]}).tracking)
+    assert "memtrack[wandb]" in err.value.hint

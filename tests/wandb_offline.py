@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def raw_records(path: Path):
         pos += HEADER
         chunk = data[pos:pos + length]
         pos += length
+        if len(chunk) < length:  # a record still being written: what is complete so far
+            return
         if kind == 0 and length == 0:
             continue
         assert zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF == crc, f"{path}: a record fails its checksum"
@@ -44,15 +47,30 @@ def raw_records(path: Path):
             yield pending + chunk
 
 
-def read_run(run_dir: Path) -> dict:
-    """``{"run": {project, group, name, job_type, id}, "history": [{"_step": n, key: value, ...}]}``."""
+def _records(store: Path, timeout: float):
+    """The run's records, once its ``exit`` record is written: ``run.finish()`` can return before the
+    wandb-core service has flushed the datastore."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for raw in raw_records(store):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            records.append(rec)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{store} has no exit record after {timeout} s: the run never finished")
+        time.sleep(0.1)
+
+
+def read_run(run_dir: Path, timeout: float = 60.0) -> dict:
+    """``{"run": {project, group, name, job_type, id}, "history": [{"_step": n, key: value, ...}]}``."""
     (store,) = Path(run_dir).glob("run-*.wandb")
     out: dict = {"run": None, "history": []}
-    for raw in raw_records(store):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
+    for rec in _records(store, timeout):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
