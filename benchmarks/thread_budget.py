@@ -20,7 +20,7 @@ Reported: training slowdown (steps/s alone / steps/s shared; the goal is <= 1.2 
 memtrack's throughput ratio (samples/s shared / samples/s alone; "does not collapse"). The machine's load
 average is recorded: on a busy machine the numbers mean nothing. The last line printed is one JSON object.
 
-    python benchmarks/thread_budget.py                                   # the measurement (~10 min on 2 cores)
+    python benchmarks/thread_budget.py --repeats 3                       # the measurement: an idle machine only
     python benchmarks/thread_budget.py --train-steps 20 --samples 4 --denoise 2 --resolution 16   # a smoke run
 """
 from __future__ import annotations
