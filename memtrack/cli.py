@@ -233,11 +233,10 @@ def cmd_index_info(args) -> int:
 
 
 def cmd_scan(args) -> int:
+    from .budget import for_command
     from .checkpoints import discover
     from .config import load_config
     from .tracker import Tracker
-
-    from .budget import for_command
 
     cfg = load_config(args.config, _overrides(args))
     for_command(cfg, beside_training=False)  # before any torch work (memtrack/budget.py)

@@ -88,11 +88,10 @@ def _line(res) -> str:
 
 
 def cmd_watch(args) -> int:
+    from ..budget import for_command
     from ..config import load_config
     from ..tracker import Tracker
     from .watch import Watcher
-
-    from ..budget import for_command
 
     cfg = load_config(args.config, {k: v for k, v in _overrides(args).items() if v is not None})
     for_command(cfg, beside_training=True)  # before any torch work (memtrack/budget.py)
