@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="store folder (default RUN/memtrack)")
     s.add_argument("--force", action="store_true", help="re-evaluate checkpoints already stored")
     s.add_argument("--json", action="store_true", help="print per-checkpoint results as JSON lines")
+    s.add_argument("--threads", type=int, help="CPU threads (tracking.threads; default: all usable cores)")
 
     # report
     r = sub.add_parser("report", help="write report.html + summary.json for one or more runs",
@@ -168,7 +169,8 @@ def _overrides(args) -> dict:
     return {"sampling.num_samples": getattr(args, "num_samples", None),
             "sampling.num_inference_steps": getattr(args, "steps", None),
             "sampling.device": getattr(args, "device", None),
-            "sampling.prefer_ema": False if getattr(args, "no_ema", False) else None}
+            "sampling.prefer_ema": False if getattr(args, "no_ema", False) else None,
+            "tracking.threads": getattr(args, "threads", None)}
 
 
 def cmd_index_build(args) -> int:
@@ -279,6 +281,7 @@ def cmd_index_info(args) -> int:
 
 
 def cmd_scan(args) -> int:
+    from .budget import for_command
     from .checkpoints import discover
     from .config import load_config
     from .index import ReferenceIndex
@@ -286,6 +289,7 @@ def cmd_scan(args) -> int:
     from .tracker import Tracker
 
     cfg = load_config(args.config, _overrides(args))
+    for_command(cfg, beside_training=False)  # before any torch work (memtrack/budget.py)
     cks = discover(args.run, prefer_ema=cfg.sampling.prefer_ema)
     ref = ReferenceIndex.open(args.index)
     transform = verify_run_transform(ref, cfg, args.run)  # the run's hparams.yml, when it wrote one

@@ -159,6 +159,18 @@ class TrackingConfig:
     log_images: bool = _f(True, "log the strongest matches as an image grid next to the rates")
     grid_matches: int = _f(8, "matches (sample | training image pairs) in the image grid")
     logging_dir: Optional[str] = _f(None, "sidecar: tensorboard folder (default: the one the training script writes)")
+    loggers: list = _f(factory=lambda: ["tensorboard"], help="sidecar: where each checkpoint's rates and match "
+                       "grid go: tensorboard (an event file beside the script's), wandb (a run of memtrack's own in "
+                       "the training's project and group; docs/integrations.md)")
+    wandb_project: Optional[str] = _f(None, "wandb logger: the project (default WANDB_PROJECT, else memtrack); the "
+                                      "name the script passes to init_trackers puts both runs in one project")
+    wandb_group: Optional[str] = _f(None, "wandb logger: the group shared with the training run (default "
+                                    "WANDB_RUN_GROUP, which the script's wandb.init reads too; else the output "
+                                    "dir's name)")
+    threads: Optional[int] = _f(None, "CPU threads of memtrack's own processes (torch, OpenMP, BLAS, faiss; never "
+                                "the training command's); default: all usable cores for scan, 1 beside training "
+                                "(watch, launch), or the cores launch --threads-for-training leaves "
+                                "(docs/integrations.md)")
 
 
 @dataclass
@@ -331,8 +343,21 @@ def _validate(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.persistence must be >= 0, got {obj.persistence}")
     if isinstance(obj, TrackingConfig) and obj.quiet_period_s < 0:
         raise ConfigError(f"{where}.quiet_period_s must be >= 0, got {obj.quiet_period_s}")
+    if isinstance(obj, TrackingConfig):
+        _validate_loggers(obj.loggers, where)
+    if isinstance(obj, TrackingConfig) and obj.threads is not None and obj.threads < 1:
+        raise ConfigError(f"{where}.threads must be >= 1, got {obj.threads}", hint="leave it unset for the default rule")
     if isinstance(obj, IndexConfig):
         _validate_index(obj, where)
+
+
+def _validate_loggers(loggers: list, where: str) -> None:
+    from .integrations.logging import SINKS  # the registry: sinks registered by plug-ins count too
+
+    for name in loggers:
+        if not isinstance(name, str) or name not in SINKS:
+            raise ConfigError(f"{where}.loggers: unknown logger {_show(name)}",
+                              hint=f"known loggers: {', '.join(sorted(SINKS))}")
 
 
 def _validate_index(obj: "IndexConfig", where: str) -> None:

@@ -22,6 +22,7 @@ examples:
   memtrack launch --in-process --index ref/ --config configs/lora.yaml -- \\
       accelerate launch train_text_to_image_lora.py --pretrained_model_name_or_path base/ --output_dir runs/lora
   memtrack launch --stop-on 'nn_ratio.rate > 0.05' --index ref/ -- python train.py --output_dir runs/x
+  memtrack launch --threads-for-training 6 --index ref/ -- python train.py --output_dir runs/x  # 8 cores: memtrack 2
 
 exit code: the training command's; 1 when a --stop-on gate stopped training; 2 when tracking failed.
 """
@@ -37,6 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet-period", type=float, help="seconds a checkpoint must be unchanged before it is read")
     p.add_argument("--poll-interval", type=float, help="seconds between looks at the output dir")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--threads", type=int, help="memtrack's CPU threads (tracking.threads; default: 1 beside training)")
 
 
 def add_parser(sub) -> None:
@@ -58,6 +60,9 @@ def add_parser(sub) -> None:
                     help="in-process with several ranks: tracking.in_process (see docs/integrations.md)")
     la.add_argument("--stop-on", action="append", default=[], metavar="GATE",
                     help="stop training when a gate trips, e.g. 'nn_ratio.rate > 0.05' (exit code 1)")
+    la.add_argument("--threads-for-training", type=int, metavar="T",
+                    help="give each training process T threads (OMP/MKL/OPENBLAS_NUM_THREADS); memtrack "
+                         "then takes the cores left; default: the training command's environment untouched")
     la.add_argument("training_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                     help="the training command, after --")
 
@@ -70,7 +75,7 @@ def _overrides(args) -> dict:
     return {"sampling.device": args.device, "sampling.num_samples": args.num_samples,
             "sampling.num_inference_steps": args.steps, "tracking.quiet_period_s": args.quiet_period,
             "tracking.poll_interval_s": args.poll_interval,
-            "tracking.in_process": getattr(args, "strategy", None)}
+            "tracking.in_process": getattr(args, "strategy", None), "tracking.threads": args.threads}
 
 
 def _line(res) -> str:
@@ -83,6 +88,7 @@ def _line(res) -> str:
 
 
 def cmd_watch(args) -> int:
+    from ..budget import for_command
     from ..config import load_config
     from ..index import ReferenceIndex
     from ..tracker import Tracker
@@ -90,6 +96,7 @@ def cmd_watch(args) -> int:
     from .watch import Watcher
 
     cfg = load_config(args.config, {k: v for k, v in _overrides(args).items() if v is not None})
+    for_command(cfg, beside_training=True)  # before any torch work (memtrack/budget.py)
     ref = ReferenceIndex.open(args.index)
     transform = verify_run_transform(ref, cfg, args.run)  # the run's hparams.yml, when it wrote one
     tracker = Tracker.from_config(cfg, index=ref, run_dir=args.run, store_dir=args.store)
@@ -131,6 +138,7 @@ def cmd_launch(args) -> int:
     command = args.training_command[1:] if args.training_command[:1] == ["--"] else args.training_command
     result = launch(command, index=args.index, config=args.config, overrides=_overrides(args),
                     in_process=args.in_process, stop_on=args.stop_on, store=args.store,
+                    training_threads=args.threads_for_training,
                     on_result=None if args.json else lambda ck, r: print("memtrack " + _line(r), flush=True))
     if args.json:
         print(to_json(result.to_dict(), default=str))

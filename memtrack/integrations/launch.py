@@ -138,7 +138,7 @@ class LaunchResult:
 def launch(command: Sequence[str], *, index: str | Path, config: str | Path | None = None,
            overrides: dict | None = None, in_process: bool = False, stop_on: Sequence[str] = (),
            store: str | Path | None = None, env: dict | None = None,
-           on_result: Callable | None = None) -> LaunchResult:
+           on_result: Callable | None = None, training_threads: int | None = None) -> LaunchResult:
     """Run ``command`` and track its checkpoints; see the module doc.
 
     Args:
@@ -151,7 +151,11 @@ def launch(command: Sequence[str], *, index: str | Path, config: str | Path | No
         store: the store folder (default ``OUTPUT_DIR/memtrack``).
         env: extra environment variables for the training command.
         on_result: called with ``(checkpoint, result)`` after each evaluation made in this process.
+        training_threads: threads for each training process (its ``OMP_NUM_THREADS``...); None leaves the
+            command's environment as it was. This process takes the thread budget of
+            :mod:`memtrack.budget` (``tracking.threads``, else the cores training leaves).
     """
+    from .. import budget
     from ..config import load_config
     from ..index import ReferenceIndex
     from ..report.gate import parse_gate
@@ -165,7 +169,8 @@ def launch(command: Sequence[str], *, index: str | Path, config: str | Path | No
     for g in stop_on:
         parse_gate(g)
     _record_transform(run_dir, store, transform)
-    child_env = {**os.environ, **(env or {})}
+    budget.for_command(cfg, beside_training=True, training_threads=training_threads, training_argv=cmd.argv)
+    child_env = {**budget.training_env(os.environ, training_threads), **(env or {})}
     if in_process:
         opts = TrackingOptions(str(index), str(config) if config else None, merged,
                                str(store) if store else None, str(run_dir))

@@ -2,10 +2,12 @@
 
 In-process (and :meth:`Tracker.step`), rates go to the training run's own accelerate trackers
 (``accelerator.log``: tensorboard by default, wandb when the script uses it) under ``memtrack/`` at the
-checkpoint's step. The sidecar runs in another process, so it cannot reach those trackers: it writes its
-own event file (``*.memtrack``) into the script's tensorboard folder, which TensorBoard merges into the
-same run. Both also log the strongest matches as one image: a grid of (generated sample | nearest
-training image) pairs, strongest first.
+checkpoint's step. The sidecar runs in another process, so it cannot reach those trackers: it logs through
+the sinks ``tracking.loggers`` names (:func:`sinks_for_run`) -- ``tensorboard``, its own event file
+(``*.memtrack``) in the script's tensorboard folder, which TensorBoard merges into the same run, and
+``wandb``, a wandb run of its own grouped with the training run (:mod:`.wandb_sink`). All of them also log
+the strongest matches as one image: a grid of (generated sample | nearest training image) pairs,
+strongest first.
 
 Example:
     >>> sink = TensorBoardSink.for_run("runs/ddpm")
@@ -14,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -174,3 +176,48 @@ def find_event_dir(run_dir: Path) -> Optional[Path]:
     if not found:
         return None
     return max(found, key=lambda p: p.stat().st_mtime).parent
+
+
+# ------------------------------------------------------------------------------------ sink registry
+
+#: ``name -> factory(run_dir, tracking_config) -> sink`` (a sink has ``log(result, grid)`` and ``close()``)
+SINKS: dict[str, Callable] = {}
+
+
+def register_sink(name: str, factory: Callable, *, overwrite: bool = False) -> None:
+    """Make ``name`` usable in ``tracking.loggers``; refuses to replace a sink unless ``overwrite``."""
+    if not name or not name.isidentifier():
+        raise ValueError(f"sink names are identifiers, got {name!r}")
+    if name in SINKS and not overwrite:
+        raise ValueError(f"sink {name!r} is already registered")
+    SINKS[name] = factory
+
+
+def _wandb_sink(run_dir, tracking):
+    from .wandb_sink import WandbSink  # wandb is optional: imported only when asked for
+
+    return WandbSink.for_run(run_dir, tracking)
+
+
+register_sink("tensorboard", lambda run_dir, tracking: TensorBoardSink.for_run(run_dir, tracking.logging_dir))
+register_sink("wandb", _wandb_sink)
+
+
+class Sinks:
+    """Several sinks as one: each result goes to all of them."""
+
+    def __init__(self, sinks: list):
+        self.sinks = list(sinks)
+
+    def log(self, result, grid: Optional[np.ndarray] = None) -> None:
+        for sink in self.sinks:
+            sink.log(result, grid)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def sinks_for_run(run_dir: str | Path, tracking) -> Sinks:
+    """The sidecar's sinks for a training run: one per name in ``tracking.loggers``."""
+    return Sinks([SINKS[name](run_dir, tracking) for name in tracking.loggers])

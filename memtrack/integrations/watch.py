@@ -32,7 +32,7 @@ from typing import Callable, Optional
 from ..checkpoints import LORA_FILE, Checkpoint, discover, inspect
 from ..errors import CheckpointError
 from ..utils import get_logger
-from .logging import TensorBoardSink, log_to_accelerator, match_grid
+from .logging import log_to_accelerator, match_grid, sinks_for_run
 
 logger = get_logger(__name__)
 
@@ -123,8 +123,8 @@ class Watcher:
     Args:
         tracker: the :class:`~memtrack.tracker.Tracker` (holding the run's store).
         run_dir: the training script's ``--output_dir``.
-        sink: where results are logged: ``"auto"`` (a :class:`TensorBoardSink` in the script's log folder),
-            another sink, or None (store only).
+        sink: where results are logged: ``"auto"`` (the sinks ``tracking.loggers`` names, see
+            :func:`~.logging.sinks_for_run`), another sink, or None (store only).
         on_result: called with ``(checkpoint, result)`` after each evaluation; returning True stops the
             watcher (``--stop-on`` gates use this).
     """
@@ -136,7 +136,7 @@ class Watcher:
         self.poll_interval = cfg.poll_interval_s
         self.quiet_period = cfg.quiet_period_s
         self.prefer_ema = tracker.config.sampling.prefer_ema
-        self.sink = TensorBoardSink.for_run(self.run_dir, cfg.logging_dir) if sink == "auto" else sink
+        self.sink = sinks_for_run(self.run_dir, cfg) if sink == "auto" else sink
         self.on_result = on_result
         folder = tracker.store.folder if tracker.store is not None else self.run_dir / "memtrack"
         self.staging = folder / "staging"
