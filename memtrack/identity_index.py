@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from .config import Config
-from .detectors import DetectorOutput, SpaceEvidence, register_detector
+from .detector_registry import register_detector
+from .detectors import DetectorOutput, SpaceEvidence
 from .identity import calibrate_threshold, identity_candidates, identity_groups, identity_interpolation, identity_leak
 from .utils import get_logger
 

@@ -25,6 +25,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -67,12 +68,26 @@ class Space:
     info: dict = field(default_factory=dict)
 
     def vectors_at(self, ids: np.ndarray) -> np.ndarray:
-        """Embedding values (float32) of vector ids ``[...]`` -> ``[..., dim]``; -1 ids give zeros."""
+        """Embedding values (float32) of vector ids ``[...]`` -> ``[..., dim]``.
+
+        A ``-1`` id ("no candidate") gives NaN, never a vector: a zero vector would enter a pixel detector
+        as a black image. Detectors ignore those slots by their row (-1).
+        """
         ids = np.asarray(ids)
         flat = ids.reshape(-1)
         got = np.asarray(self.vectors[np.where(flat >= 0, flat, 0)]).astype(np.float32) / np.float32(self.divisor)
-        got[flat < 0] = 0
+        got[flat < 0] = np.nan
         return got.reshape(*ids.shape, self.dim).astype(np.float32)
+
+    @property
+    def views(self) -> int:
+        """The most vectors one training record has in this space (mirrored views, crops; default 1)."""
+        return max(1, int(self.info.get("views", 1)))
+
+    @functools.cached_property
+    def n_rows(self) -> int:
+        """Training records with at least one vector in this space."""
+        return int(len(np.unique(self.rows))) if len(self.rows) else 0
 
     def prepared(self, ids: np.ndarray) -> np.ndarray:
         """The vectors as the faiss index sees them (cosine spaces normalised)."""

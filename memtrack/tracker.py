@@ -184,11 +184,12 @@ class Tracker:
                 evidence[emb.name] = face_evidence(self.index, emb, images, self.config)
             else:
                 query = np.asarray(emb.embed(list(images)), dtype=np.float32)
-                k = self._k(emb.name)
-                _, ids = self.index.search(emb.name, query, k)
+                # k training images may have several vectors each (views): ask for k * views vectors
+                _, ids = self.index.search(emb.name, query, self._k(emb.name) * space.views)
                 shape = (3, emb.options.resolution, emb.options.resolution) if emb.name == "pixel" else None
                 evidence[emb.name] = SpaceEvidence(space.metric, query, self.index.record_rows(emb.name, ids),
-                                                   self.index.candidates(emb.name, ids), shape)
+                                                   self.index.candidates(emb.name, ids), shape,
+                                                   n_rows=space.n_rows)
             timings[emb.name] = time.perf_counter() - t0
         t0 = time.perf_counter()
         outputs = run_detectors(evidence, self.config.detectors)
@@ -238,10 +239,11 @@ class Tracker:
         return box[0]
 
     def _k(self, space: str) -> int:
+        """Training images (not vectors) to fetch per sample in ``space``."""
         k = self.config.index.k
         if space == "pixel":
             k = max(k, self.config.detectors.adaptive_n, 2)
-        return min(k, self.index.spaces[space].index.ntotal)
+        return max(1, min(k, self.index.spaces[space].n_rows))
 
     def _sample(self, ck: Checkpoint, pipeline) -> tuple[Samples, object]:
         """The plan's samples (gathered from every process) and this process's pipeline."""

@@ -1,0 +1,206 @@
+"""Candidates the detectors can trust: never padded, reduced per training image, exact where it matters.
+
+Every case here failed on the code before this file existed: an IVF index with sparse inverted lists
+returned ids -1 whose slots reached the detectors as all-zero (black) images; several vectors of one
+training image (views) counted as different images, so a mirrored view could be "the 2nd nearest".
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import real_image
+from memtrack import index_choice as ic
+from memtrack.config import Config, DetectorsConfig, EmbedderSpec
+from memtrack.data import read_dataset
+from memtrack.detector_registry import run_detectors
+from memtrack.detectors import SpaceEvidence, adaptive_l2, copy_score, nn_ratio, per_row, tiled_l2
+from memtrack.embedders.pixel import PixelEmbedder, PixelOptions
+from memtrack.index import ReferenceIndex
+from memtrack.metrics import aggregate
+from memtrack.tracker import Tracker
+
+RES = 8
+
+
+def write_crops(folder, n: int = 300, size: int = 16, seed: int = 0):
+    """``n`` distinct real-photo crops, several per photo (they cluster like a real training set)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(real_image(name).resize((128, 128))) for name in ("astronaut", "coffee", "chelsea", "rocket")]
+    for i in range(n):
+        p = photos[i % len(photos)]
+        y, x = rng.integers(0, 128 - size, 2)
+        Image.fromarray(p[y:y + size, x:x + size]).save(folder / f"img{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    return write_crops(tmp_path_factory.mktemp("crops") / "data")
+
+
+def config(**index) -> Config:
+    c = Config()
+    c.index.embedders = [EmbedderSpec("pixel", {"resolution": RES})]
+    for key, value in index.items():
+        setattr(c.index, key, value)
+    return c
+
+
+@pytest.fixture(scope="module")
+def sparse_ivf(crops, tmp_path_factory):
+    """An IVF-Flat pixel index searched with nprobe=1: its lists hold fewer vectors than a scan asks for."""
+    ref = ReferenceIndex.build(read_dataset(crops), [PixelEmbedder(PixelOptions(resolution=RES))],
+                               tmp_path_factory.mktemp("ivf") / "ref", config(index_type="ivf_flat",
+                                                                              recall_queries=100))
+    ic.set_search_params(ref.spaces["pixel"].index, {"nprobe": 1})
+    return ref
+
+
+def _capture(monkeypatch):
+    """Record the evidence the tracker hands to the detectors."""
+    import memtrack.tracker as tr
+
+    seen = {}
+
+    def spy(evidence, cfg):
+        seen.update(evidence)
+        return run_detectors(evidence, cfg)
+
+    monkeypatch.setattr(tr, "run_detectors", spy)
+    return seen
+
+
+# -------------------------------------------------------------------------------- no padding, ever
+
+
+def test_sparse_ivf_lists_give_missing_candidates_and_no_zero_vector_reaches_a_detector(sparse_ivf, monkeypatch):
+    seen = _capture(monkeypatch)
+    images = [Image.new("RGB", (16, 16), (0, 0, 0)), Image.new("RGB", (16, 16), (40, 30, 20))]
+    images += [Image.open(p).convert("RGB") for p in sorted(read_dataset_paths(sparse_ivf))[:6]]
+    cfg = config().copy()
+    outputs = {o.name: o for o in Tracker(sparse_ivf, [PixelEmbedder(PixelOptions(resolution=RES))], cfg)
+               .assess(images)}
+    ev = seen["pixel"]
+    missing = ev.cand_ids < 0
+    assert missing.any(), "the premise: nprobe=1 over short lists returns fewer than k candidates"
+    # the slots of missing candidates carry no vector at all (NaN), never a zero (black) image
+    assert np.isnan(ev.cand_vecs[missing]).all()
+    assert not (ev.cand_vecs[~missing] != ev.cand_vecs[~missing]).any()
+    # and no detector depends on them: zeros or random values in those slots change nothing
+    for fill in (0.0, 0.5):
+        filled = SpaceEvidence(ev.metric, ev.query, ev.cand_ids, np.where(missing[..., None], fill, ev.cand_vecs),
+                               ev.image_shape, dict(ev.extra), ev.n_rows)
+        again = {o.name: o for o in run_detectors({"pixel": filled}, cfg.detectors)}
+        for name, out in outputs.items():
+            np.testing.assert_array_equal(again[name].flagged, out.flagged, err_msg=name)
+            np.testing.assert_array_equal(again[name].match, out.match, err_msg=name)
+            np.testing.assert_allclose(again[name].score, out.score, equal_nan=True, err_msg=name)
+    # a black sample is not "a copy" of a missing candidate (a zero vector would be at distance 0 from it):
+    # its d1 is the exact distance to a real training image
+    nn = outputs["nn_ratio"]
+    space = sparse_ivf.spaces["pixel"]
+    nearest = space.vectors_at(np.flatnonzero(space.rows == nn.match[0]))
+    assert nn.match[0] >= 0 and nn.extra["d1"][0] > 0
+    assert nn.extra["d1"][0] == pytest.approx(np.sqrt(((ev.query[0] - nearest) ** 2).mean(1)).min(), rel=1e-6)
+
+
+def read_dataset_paths(ref: ReferenceIndex):
+    return [r.path for r in ref.records]
+
+
+def test_fewer_candidates_than_needed_are_reported_not_guessed():
+    # two samples; the second has a single candidate training image left (the other slot is -1)
+    q = np.array([[0.0, 0.0], [0.0, 0.0]])
+    cand = np.array([[[0.1, 0.0], [1.0, 0.0]], [[0.1, 0.0], [np.nan, np.nan]]])
+    ids = np.array([[3, 4], [3, -1]])
+    out = nn_ratio(q, cand, candidate_ids=ids)
+    assert out.judged_mask().tolist() == [True, False]
+    assert out.flagged.tolist() == [True, False] and np.isnan(out.score[1])
+    assert sum(out.not_judged.values()) == 1
+    block = aggregate([out])["metrics"]["nn_ratio"]
+    assert block["n"] == 1 and block["count"] == 1 and block["rate"] == 1.0
+    assert list(block["not_judged"].values()) == [1]
+
+
+def test_no_candidate_at_all_makes_the_metric_not_applicable_not_zero():
+    q = np.zeros((2, 2))
+    cand = np.full((2, 2, 2), np.nan)
+    out = nn_ratio(q, cand, candidate_ids=np.full((2, 2), -1))
+    block = aggregate([out])["metrics"]["nn_ratio"]
+    assert block["applicable"] is False and "rate" not in block and "could be judged" in block["reason"]
+
+
+# --------------------------------------------------------------------------- several vectors per image
+
+
+def _views_case():
+    """Rows: 0 = image A with two vectors (itself and its mirror), 1 = image B, 2 = image C."""
+    rng = np.random.default_rng(4)
+    a, b, c = (rng.random((3, 4, 4)) for _ in range(3))
+    mirror = a[:, :, ::-1]
+    vecs = np.stack([a, mirror, b, c])                  # [4 vectors, 3, 4, 4]
+    rows = np.array([0, 0, 1, 2])
+    return a, mirror, b, c, vecs, rows
+
+
+def test_views_of_one_image_count_once_and_d2_is_another_image():
+    a, mirror, b, c, vecs, rows = _views_case()
+    query = (a + 0.01)[None]                            # close to A; A's mirror is a *view*, not a 2nd image
+    cand, ids = vecs[None], rows[None]
+    out = nn_ratio(query.reshape(1, -1), cand.reshape(1, 4, -1), candidate_ids=ids)
+    d = lambda x, y: np.sqrt(((x - y) ** 2).mean())  # noqa: E731
+    assert out.match[0] == 0
+    assert out.extra["d1"][0] == pytest.approx(d(query[0], a))
+    assert out.extra["d2"][0] == pytest.approx(min(d(query[0], b), d(query[0], c)))  # not d(query, mirror)
+    # the per-row reduction itself: one entry per image, the minimum over its views, nearest first
+    ds, rs = per_row(np.array([[0.5, 0.2, 0.9, 0.7]]), ids)
+    assert rs.tolist() == [[0, 2, 1, -1]] and ds[0, :3].tolist() == [0.2, 0.7, 0.9] and ds[0, 3] == np.inf
+
+
+def test_every_detector_takes_the_minimum_over_an_images_views():
+    a, mirror, b, c, vecs, rows = _views_case()
+    query = mirror[None] + 0.0                          # the sample is the mirrored training image
+    cand, ids = vecs[None], rows[None]
+    tiled = tiled_l2(query, cand, grid=2, candidate_ids=ids)
+    assert tiled.score[0] == 0.0 and tiled.match[0] == 0 and tiled.flagged[0]
+    flat = query.reshape(1, -1), cand.reshape(1, 4, -1)
+    nn = nn_ratio(*flat, candidate_ids=ids)
+    assert nn.extra["d1"][0] == 0.0 and nn.match[0] == 0 and nn.flagged[0] and nn.extra["d2"][0] > 0
+    cos = copy_score(*flat, candidate_ids=ids)
+    assert cos.score[0] == pytest.approx(1.0) and cos.match[0] == 0
+    ad = adaptive_l2(*flat, n_neighbours=3, candidate_ids=ids)
+    assert ad.match[0] == 0 and ad.score[0] == 0.0
+
+
+def test_the_scan_asks_for_k_times_views_vectors(sparse_ivf, monkeypatch):
+    space = sparse_ivf.spaces["pixel"]
+    monkeypatch.setitem(space.info, "views", 3)
+    asked = []
+    original = sparse_ivf.search
+
+    def spy(name, q, k):
+        asked.append(k)
+        return original(name, q, k)
+
+    monkeypatch.setattr(sparse_ivf, "search", spy)
+    tracker = Tracker(sparse_ivf, [PixelEmbedder(PixelOptions(resolution=RES))], config())
+    tracker.assess([Image.new("RGB", (16, 16), (9, 9, 9))])
+    assert asked == [tracker._k("pixel") * 3]
+
+
+def test_registered_detectors_ignore_missing_slots_in_hand_made_evidence():
+    a, mirror, b, c, vecs, rows = _views_case()
+    query = np.stack([a, b]).reshape(2, -1).astype(np.float32)
+    cand = np.stack([vecs, vecs]).reshape(2, 4, -1).astype(np.float32)
+    ids = np.stack([rows, rows])
+    cand[1, 3] = np.nan
+    ids[1, 3] = -1                                      # sample 1 lost its 4th candidate (image C)
+    ev = SpaceEvidence("l2", query, ids, cand, (3, 4, 4), n_rows=3)
+    cfg = DetectorsConfig(tiled_grid=2)
+    with np.errstate(all="raise"):
+        outs = {o.name: o for o in run_detectors({"pixel": ev}, cfg)}
+    assert outs["nn_ratio"].match.tolist() == [0, 1] and outs["nn_ratio"].flagged.all()
+    assert outs["tiled_l2"].match.tolist() == [0, 1] and (outs["tiled_l2"].score == 0).all()
