@@ -291,7 +291,11 @@ class ReferenceIndex:
                 "n_skipped": len(self.manifest.get("skipped", [])),
                 "spaces": {n: {**s.fingerprint, "index_type": s.info.get("index_type"),
                                "n_vectors": s.info.get("n_vectors"), "recall_at_k": s.info.get("recall_at_k"),
-                               "search_params": s.info.get("search_params", {})}
+                               "search_params": s.info.get("search_params", {}),
+                               **({"recall_2nd": s.info["recall_2nd"],
+                                   "recall_2nd_measured": s.info.get("recall_2nd_measured")}
+                                  if "recall_2nd" in s.info else {}),
+                               "index_kind": s.info.get("index_kind"), "views": s.views}
                            for n, s in self.spaces.items()}}
 
     # -------------------------------------------------------------------------------------- add

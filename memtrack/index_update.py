@@ -128,9 +128,14 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     fetch = lambda ids: prepare(stored[np.asarray(ids)])  # noqa: E731
     # 3. the faiss index, extended
     index = _extend_faiss(ref.path, tmp, emb.name, sp.info, stored, m_old, prepare)
-    # 4. recall, re-tuned only if the update pushed it below the target
-    recall = fx.remeasure(index, sp.info.get("index_kind", "flat"), sp.info, sp.metric, fetch, len(stored),
-                          config.index)
+    # 4. recall (and the pixel space's 2nd-neighbour recall), re-tuned only if the update pushed it below
+    #    the target
+    kind = sp.info.get("index_kind", "flat")
+    views = 1 if hasattr(emb, "embed_faces") else spaces.views_of(all_rows)
+    second = None if kind == "flat" else spaces.second_neighbour_check(emb, fetch, all_rows, config.index, views)
+    recall = fx.remeasure(index, kind, sp.info, sp.metric, fetch, len(stored), config.index, second)
+    if spaces.is_pixel_space(emb) and recall.recall_2nd is None:
+        recall.recall_2nd = 1.0
     searcher = spaces._Searcher(index, sp.metric, fetch, recall.rerank)
     # 5. baseline: new vectors against all; old vectors against the new ones (the nearest other may be new)
     base = _updated_baseline(ref, emb, sp, stored, m_old, searcher)
@@ -145,7 +150,9 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     np.save(tmp / f"{emb.name}.baseline.npy", base)
     ic.faiss_module().write_index(index, str(tmp / f"{emb.name}.faiss"))
     _note_if_outgrown(emb.name, sp.info, len(stored), config)
-    meta = {**sp.info, "n_vectors": int(len(stored)), **spaces._recall_meta(recall)}
+    meta = {**sp.info, "n_vectors": int(len(stored)), **spaces._recall_meta(recall, second)}
+    if not hasattr(emb, "embed_faces"):
+        meta["views"] = views
     return meta, base, failed, identity
 
 
@@ -195,7 +202,8 @@ def _updated_baseline(ref, emb, sp, stored, m_old: int, searcher) -> np.ndarray:
 
 
 def _note_if_outgrown(name: str, info: dict, n: int, config: Config) -> None:
-    choice = ic.choose_index(n, int(info["dim"]), ic.parse_bytes(config.index.memory_budget), config.index.index_type)
+    choice = ic.choose_index(n, int(info["dim"]), ic.parse_bytes(config.index.memory_budget), config.index.index_type,
+                             exact=info.get("dtype") == "uint8")
     if choice.kind != info.get("index_kind", "flat"):
         logger.warning("space %s now holds %s vectors: a fresh build would choose %s instead of %s "
                        "(rebuild with --overwrite when convenient)", name, f"{n:,}", choice.factory,

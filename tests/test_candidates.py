@@ -204,3 +204,81 @@ def test_registered_detectors_ignore_missing_slots_in_hand_made_evidence():
         outs = {o.name: o for o in run_detectors({"pixel": ev}, cfg)}
     assert outs["nn_ratio"].match.tolist() == [0, 1] and outs["nn_ratio"].flagged.all()
     assert outs["tiled_l2"].match.tolist() == [0, 1] and (outs["tiled_l2"].score == 0).all()
+
+
+# ------------------------------------------------------------------ exact pixel search, 2nd-neighbour recall
+
+
+@pytest.mark.parametrize("n,dim", [(50_000, 3 * 32 * 32), (70_000, 3 * 64 * 64), (30_000, 3 * 32 * 32)])
+def test_cifar_and_ffhq_sized_pixel_sets_are_searched_exactly(n, dim):
+    # before: `auto` gave these HNSW (an approximate index that can miss nn_ratio's 2nd neighbour)
+    assert ic.choose_index(n, dim, 64 << 30).kind == "hnsw"           # a feature space of that size
+    choice = ic.choose_index(n, dim, 64 << 30, exact=True)            # the pixel space
+    assert choice.kind == "flat" and "pixel space" in choice.reason
+
+
+def test_exact_pixel_search_ends_where_it_stops_being_affordable():
+    assert ic.choose_index(1_000_000, 3072, 64 << 30, exact=True).kind != "flat"   # train->train ~ 2.6 days here
+    assert ic.choose_index(50_000, 3072, 100 << 20, exact=True).kind != "flat"     # float32 copy over the budget
+    assert ic.choose_index(50_000, 3072, 64 << 30, "hnsw", exact=True).kind == "hnsw"  # an explicit choice wins
+
+
+def test_a_build_keeps_the_pixel_space_exact_where_other_spaces_go_approximate(crops, tmp_path, monkeypatch):
+    monkeypatch.setattr(ic, "FLAT_MAX_BYTES", 0)  # as if this small set were CIFAR-sized for feature spaces
+    ref = ReferenceIndex.build(read_dataset(crops), [PixelEmbedder(PixelOptions(resolution=RES))], tmp_path / "r",
+                               config())
+    info = ref.manifest["spaces"]["pixel"]
+    assert info["index_kind"] == "flat" and "pixel space" in info["choice_reason"]
+    assert info["recall_2nd"] == 1.0 and info["recall_2nd_measured"]["exact"]
+    assert ref.summary()["spaces"]["pixel"]["recall_2nd"] == 1.0
+
+
+def _exact_ratio(space, q):
+    """nn_ratio's d1/d2 of queries ``q`` by brute force over every stored vector (per training image)."""
+    x = space.vectors_at(np.arange(len(space.rows))).astype(np.float64)
+    d = np.sqrt(((q[:, None, :].astype(np.float64) - x[None]) ** 2).mean(-1))
+    ds, _ = per_row(d, np.broadcast_to(space.rows, d.shape))
+    return ds[:, 0] / ds[:, 1]
+
+
+def test_an_approximate_pixel_index_is_tuned_until_the_2nd_neighbour_of_generated_like_queries_is_found(
+        crops, tmp_path):
+    from memtrack.index_recall import SecondNeighbour
+
+    ref = ReferenceIndex.build(read_dataset(crops), [PixelEmbedder(PixelOptions(resolution=RES))], tmp_path / "r",
+                               config(index_type="ivf_flat", recall_target=1.0, recall_queries=300))
+    space = ref.spaces["pixel"]
+    info = ref.manifest["spaces"]["pixel"]
+    fetch = lambda ids: space.vectors_at(np.asarray(ids))  # noqa: E731
+    second = SecondNeighbour(fetch, space.rows, 10, 300)
+    # the premise: probing one list misses the 2nd neighbour of generated-like queries, and a missed 2nd
+    # neighbour can only make d2 larger -- d1/d2 smaller, towards a false "memorized"
+    tuned = dict(info["search_params"])
+    ic.set_search_params(space.index, {"nprobe": 1})
+    search = lambda q, k: ref.search("pixel", q, k)[1]  # noqa: E731
+    assert second(search) < 0.9
+    ids = search(second.queries, 10)
+    found = np.sqrt(second._second(ids) / space.dim)
+    assert (found >= np.sqrt(second.exact / space.dim) - 1e-9).all()
+    # as built (tuned to the target on those queries): every 2nd neighbour found, every ratio exact
+    ic.set_search_params(space.index, tuned)
+    assert info["recall_2nd"] == 1.0 and info["recall"]["met"] and info["recall_2nd_measured"]["n_queries"] == 300
+    assert second(search) == 1.0
+    ids = search(second.queries, 10)
+    out = nn_ratio(second.queries, space.vectors_at(ids), candidate_ids=ref.record_rows("pixel", ids))
+    np.testing.assert_allclose(out.score, _exact_ratio(space, second.queries), rtol=1e-6)
+    assert ref.summary()["spaces"]["pixel"]["recall_2nd"] == 1.0
+
+
+def test_index_info_reports_the_2nd_neighbour_recall(crops, tmp_path, capsys):
+    import json
+
+    from memtrack.cli import main
+
+    ReferenceIndex.build(read_dataset(crops), [PixelEmbedder(PixelOptions(resolution=RES))], tmp_path / "r",
+                         config(index_type="hnsw", recall_queries=120))
+    assert main(["index", "info", str(tmp_path / "r"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["spaces"]["pixel"]
+    assert 0.0 <= info["recall_2nd"] <= 1.0
+    assert main(["index", "info", str(tmp_path / "r")]) == 0
+    assert "2nd-nearest training image of generated-like queries found" in capsys.readouterr().out

@@ -205,18 +205,20 @@ def _spaces_table(index: dict) -> Raw:
         return Raw("")
     rows = []
     for space, sp in spaces.items():
-        recall = sp.get("recall_at_k")
+        recall, second = sp.get("recall_at_k"), sp.get("recall_2nd")
         rows.append([space, sp.get("name", ""), sp.get("metric", ""), sp.get("dim", ""), sp.get("index_type", ""),
-                     "not measured" if recall is None else fmt_pct(recall), _fingerprint(sp)])
-    return Raw("<h3>Index</h3>" + table(["space", "embedder", "metric", "dim", "index", "recall@k", "fingerprint"],
-                                        rows, numeric=(3, 5)))
+                     "not measured" if recall is None else fmt_pct(recall),
+                     "" if second is None else fmt_pct(second), _fingerprint(sp)])
+    return Raw("<h3>Index</h3>" + table(["space", "embedder", "metric", "dim", "index", "recall@k",
+                                         "2nd-neighbour recall", "fingerprint"], rows, numeric=(3, 5, 6)))
 
 
 def _fingerprint(space: dict) -> str:
     """What identifies the embedder beyond name, metric and dim (weights hash, preprocessing, ...)."""
     if isinstance(space.get("fingerprint"), str):
         return space["fingerprint"]
-    shown = {"name", "metric", "dim", "index_type", "n_vectors", "recall_at_k", "fingerprint"}
+    shown = {"name", "metric", "dim", "index_type", "n_vectors", "recall_at_k", "fingerprint", "recall_2nd",
+             "recall_2nd_measured", "index_kind", "views"}
     return " · ".join(f"{k}: {_short(v)}" for k, v in space.items()
                       if k not in shown and isinstance(v, (str, int, float)) and v is not None)
 
