@@ -3,7 +3,7 @@ plug-in: the function that runs each one on a space's evidence, its citation and
 from __future__ import annotations
 
 from .detector_registry import register_detector
-from .detectors import SpaceEvidence, adaptive_l2, copy_score, nn_ratio, tiled_l2
+from .detectors import SpaceEvidence, adaptive_l2, copy_score, duplicate_distance, nn_ratio, nn_ratio_dedup, tiled_l2
 
 GU = "Gu et al. 2023, On Memorization in Diffusion Models"
 CARLINI = "Carlini et al. 2023, Extracting Training Data from Diffusion Models"
@@ -20,6 +20,25 @@ register_detector("nn_ratio", "pixel",
                   lambda s, ev, cfg: nn_ratio(ev.query, ev.cand_vecs, cfg.nn_ratio, ev.cand_ids),
                   "Gu et al. 2023: d1/d2 < 1/3 on raw pixels", citation=GU, reproduction=True,
                   regime="two or more training images")
+def _needs_lists(space: str, ev: SpaceEvidence, cfg) -> str | None:
+    if ev.extra.get("train_neighbours") is None:
+        return ("the index has no train->train neighbour lists (it was built by an older memtrack): rebuild it "
+                "to get this detector")
+    return None
+
+
+def _dedup(space: str, ev: SpaceEvidence, cfg):
+    rows, dist = ev.extra["train_neighbours"]
+    return nn_ratio_dedup(ev.query, ev.cand_vecs, rows, dist, duplicate_distance(dist, cfg.nn_ratio), cfg.nn_ratio,
+                          ev.cand_ids)
+
+
+register_detector("nn_ratio_dedup", "pixel", _dedup,
+                  "Gu et al.'s d1/d2 < 1/3, d2 taken past the nearest image's near-duplicates (memtrack's variant)",
+                  citation=GU + " (ratio and threshold); the deduplicated d2 is memtrack's", reproduction=True,
+                  check=_needs_lists,
+                  regime="two or more training images that are not near-duplicates of each other; near-duplicate = "
+                         "within 1/3 of the median train->train nearest-neighbour distance")
 register_detector("tiled_l2", "pixel",
                   lambda s, ev, cfg: tiled_l2(*_pixel_images(ev), cfg.tiled_l2, cfg.tiled_grid, ev.cand_ids),
                   "Carlini et al. 2023: max over 4x4 tiles of RMS error <= delta", citation=CARLINI,

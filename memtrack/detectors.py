@@ -45,6 +45,7 @@ class DetectorOutput:
         reason: why it is not applicable.
         judged: ``[n]`` False for samples that got no verdict (None: every sample was judged).
         not_judged: ``{reason: count}`` for the samples that got no verdict.
+        info: scalars about how the verdict was reached (e.g. a calibrated near-duplicate distance).
     """
 
     name: str
@@ -59,6 +60,7 @@ class DetectorOutput:
     reason: str | None = None
     judged: np.ndarray | None = None
     not_judged: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # scalars the report shows beside the threshold
 
     @classmethod
     def not_applicable(cls, name: str, reason: str, n: int, direction: Literal["below", "above"] = "below"
@@ -76,7 +78,7 @@ class DetectorOutput:
                 "match": self.match.tolist(), "threshold": self.threshold, "direction": self.direction,
                 "extra": {k: np.asarray(v).tolist() for k, v in self.extra.items()},
                 "threshold_source": self.threshold_source, "applicable": self.applicable, "reason": self.reason,
-                "judged": self.judged_mask().tolist(), "not_judged": dict(self.not_judged)}
+                "judged": self.judged_mask().tolist(), "not_judged": dict(self.not_judged), "info": dict(self.info)}
 
 
 def _judged(mask: np.ndarray, reason: str = FEWER_CANDIDATES) -> tuple[np.ndarray | None, dict]:
@@ -186,6 +188,63 @@ def nn_ratio(query: np.ndarray, candidates: np.ndarray, threshold: float = 1 / 3
                           float(threshold), "below", {"d1": np.where(np.isfinite(d1), d1, np.nan),
                                                       "d2": np.where(ok, d2, np.nan)},
                           judged=judged, not_judged=missing)
+
+
+def duplicate_distance(neighbour_dist: np.ndarray, ratio: float = 1 / 3) -> float:
+    """The near-duplicate distance of a training set: ``ratio`` x the median distance from a training image
+    to its nearest other one (``neighbour_dist[:, 0]``, the train->train baseline).
+
+    Two training images are near-duplicates when they are as much closer to each other than a typical
+    training image is to its nearest neighbour as Gu et al.'s test demands of a copy (``ratio`` = 1/3):
+    a re-encoded, resized or noisy copy qualifies, two different photographs do not. Calibrated on the
+    training set; when more than half of it is duplicated the median is itself a duplicate distance and only
+    near-exact copies qualify.
+    """
+    first = np.asarray(neighbour_dist, np.float64)[:, 0] if np.ndim(neighbour_dist) == 2 else np.zeros(0)
+    first = first[np.isfinite(first)]
+    return float(ratio * np.median(first)) if first.size else 0.0
+
+
+def nn_ratio_dedup(query: np.ndarray, candidates: np.ndarray, neighbour_rows: np.ndarray,
+                   neighbour_dist: np.ndarray, near_duplicate: float, threshold: float = 1 / 3,
+                   candidate_ids: np.ndarray | None = None) -> DetectorOutput:
+    """Gu et al.'s nearest-neighbour ratio with d2 taken past the nearest image's near-duplicates (memtrack).
+
+    :func:`nn_ratio` (Gu et al. 2023, "On Memorization in Diffusion Models") is defeated by a duplicated
+    training image unless the copy is exact: a model that memorized an image it saw twice (a noisy or
+    re-encoded second copy) emits a sample between the two, d1 ~ d2 and the ratio ~ 1 -- yet duplicated
+    images are the ones memorized first (Carlini et al. 2023; Somepalli et al. 2023). This variant keeps d1
+    and Gu et al.'s threshold, and takes d2 as the distance to the nearest training image that is *not* a
+    near-duplicate of the nearest one: a training image within ``near_duplicate`` of it in the index's
+    train->train lists (:func:`duplicate_distance`). A sample is then memorized when it is much closer to the
+    duplicated image than to anything else.
+
+    Args:
+        query, candidates, candidate_ids: as for :func:`nn_ratio`.
+        neighbour_rows, neighbour_dist: ``[n_train, k]`` every training image's nearest other training
+            images and their RMS distances (``-1`` / inf for none), as the index stores them.
+        near_duplicate: the RMS distance within which a training image is a near-duplicate.
+    """
+    ds, rs = per_row(exact_rms_distances(query, candidates), candidate_rows(candidates, candidate_ids))
+    nbr_rows, nbr_dist = np.asarray(neighbour_rows, np.int64), np.asarray(neighbour_dist, np.float64)
+    m = rs[:, 0]
+    safe = np.where(m >= 0, m, 0)
+    dup_rows = np.where((nbr_dist[safe] <= near_duplicate) & (nbr_rows[safe] >= 0) & (m[:, None] >= 0),
+                        nbr_rows[safe], -2)
+    is_dup = (rs[:, :, None] == dup_rows[:, None, :]).any(axis=2) & (rs >= 0)
+    other = (rs >= 0) & ~is_dup
+    other[:, 0] = False
+    j = np.argmax(other, axis=1)
+    ok = other.any(axis=1) & (m >= 0)
+    d1, d2 = ds[:, 0], np.where(ok, ds[np.arange(len(ds)), j], np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(ok, np.where(d2 > 0, d1 / np.where(d2 > 0, d2, 1.0), 0.0), np.nan)
+    judged, missing = _judged(ok, "every candidate training image is a near-duplicate of the nearest one")
+    return DetectorOutput("nn_ratio_dedup", ratio, ok & (np.nan_to_num(ratio, nan=np.inf) < threshold), _match(rs),
+                          float(threshold), "below",
+                          {"d1": np.where(np.isfinite(d1), d1, np.nan), "d2": d2,
+                           "duplicates_skipped": is_dup[:, 1:].sum(axis=1).astype(np.float64)},
+                          judged=judged, not_judged=missing, info={"near_duplicate_rms": float(near_duplicate)})
 
 
 def _tile_bounds(size: int, grid: int) -> list[tuple[int, int]]:

@@ -172,6 +172,7 @@ class ReferenceIndex:
                 space = _write_space(tmp, emb, stored, rows, records, config)
                 spaces_meta[emb.name] = space["meta"]
                 baseline_meta[emb.name] = _baseline_meta(emb.name, emb.metric, space["baseline"])
+                baseline_meta.update(space["extra_baselines"])
                 identity_block = space["identity"] or identity_block
                 del stored
             skipped.extend(f.to_dict() for f in failed_all.values())
@@ -281,6 +282,14 @@ class ReferenceIndex:
                 raise IndexError_(f"index {self.path} has no {key!r} array for space {space!r}: {exc}",
                                   hint="rebuild the index") from None
         return cache[(space, key)]
+
+    def train_neighbours(self, space: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every record's ``index.baseline_k`` nearest other records and their RMS distances (pixel space),
+        ``[n_train, k]`` each (-1 / inf where none); None when the index has no lists."""
+        try:
+            return self.space_array(space, "neighbours"), self.space_array(space, "neighbour_dist")
+        except IndexError_:
+            return None
 
     def baseline_values(self, space: str) -> np.ndarray:
         return np.load(self.path / f"{space}.baseline.npy")

@@ -187,8 +187,9 @@ class Tracker:
                 # k training images may have several vectors each (views): ask for k * views vectors
                 _, ids = self.index.search(emb.name, query, self._k(emb.name) * space.views)
                 shape = (3, emb.options.resolution, emb.options.resolution) if emb.name == "pixel" else None
+                extra = {"train_neighbours": self.index.train_neighbours(emb.name)} if shape else {}
                 evidence[emb.name] = SpaceEvidence(space.metric, query, self.index.record_rows(emb.name, ids),
-                                                   self.index.candidates(emb.name, ids), shape,
+                                                   self.index.candidates(emb.name, ids), shape, extra,
                                                    n_rows=space.n_rows)
             timings[emb.name] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -282,3 +282,106 @@ def test_index_info_reports_the_2nd_neighbour_recall(crops, tmp_path, capsys):
     assert 0.0 <= info["recall_2nd"] <= 1.0
     assert main(["index", "info", str(tmp_path / "r")]) == 0
     assert "2nd-nearest training image of generated-like queries found" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ duplicated training images
+
+
+def _five_photos(size: int = 32) -> np.ndarray:
+    from helpers_core import training_images
+
+    return training_images(size)  # [5, 3, size, size] in [0, 1], pairwise RMS > 0.25
+
+
+def _noisy(x: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    return np.clip(x + np.random.default_rng(seed).normal(0, sigma, x.shape), 0, 1)
+
+
+def _lists(train: np.ndarray):
+    """Exact train->train lists (every other image, nearest first) of ``train`` [n, D]."""
+    n = len(train)
+    d = np.sqrt(((train[:, None] - train[None]) ** 2).mean(-1))
+    d[np.arange(n), np.arange(n)] = np.inf
+    order = np.argsort(d, axis=1)[:, :n - 1]
+    return order, np.take_along_axis(d, order, 1)
+
+
+def test_a_noisy_duplicate_defeats_nn_ratio_and_the_dedup_variant_catches_it():
+    from memtrack.detectors import duplicate_distance, nn_ratio_dedup
+
+    photos = _five_photos()
+    twin = _noisy(photos[0], 0.01, seed=1)                       # the astronaut, seen twice (sigma = 0.01)
+    train = np.concatenate([photos, twin[None]]).reshape(6, -1)
+    samples = np.stack([_noisy(photos[0], 0.01, seed=2),          # a memorized (noisy) astronaut
+                        0.5 * (photos[0] + twin),                 # the average of the two copies
+                        0.5 * (photos[1] + photos[2]),            # a blend of two different photos
+                        np.random.default_rng(3).random(photos[0].shape)]).reshape(4, -1)
+    cand = np.broadcast_to(train, (4, *train.shape)).copy()
+    plain = nn_ratio(samples, cand)
+    assert plain.score[0] > 0.6 and plain.score[1] == pytest.approx(1.0, abs=1e-9)  # "ratio 1.0, not flagged"
+    assert not plain.flagged[:2].any()
+    rows, dist = _lists(train)
+    dup = duplicate_distance(dist)
+    assert dist[0, 0] < dup < 0.25 / 3 + 0.05                    # the twin is a near-duplicate; photos are not
+    out = nn_ratio_dedup(samples, cand, rows, dist, dup)
+    assert out.flagged.tolist() == [True, True, False, False]
+    assert set(out.match[:2].tolist()) <= {0, 5}
+    assert out.extra["duplicates_skipped"][:2].tolist() == [1.0, 1.0]
+    assert out.extra["d2"][0] > 0.2                               # past the twin: the nearest other photo
+    assert out.score[2] == pytest.approx(plain.score[2]) and out.score[3] == pytest.approx(plain.score[3])
+
+
+def test_the_dedup_variant_end_to_end_on_a_built_index(tmp_path):
+    from memtrack.embedders import get_embedder
+
+    photos = _five_photos()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, img in enumerate(list(photos) + [_noisy(photos[0], 0.01, seed=1)]):
+        Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(folder / f"img{i}.png")
+    c = Config()
+    c.index.embedders = [EmbedderSpec("pixel", {"resolution": 32})]
+    ref = ReferenceIndex.build(read_dataset(folder), [get_embedder(s) for s in c.index.embedders], tmp_path / "r", c)
+    rows, dist = ref.train_neighbours("pixel")
+    assert rows.shape == (6, c.index.baseline_k) and (rows[:, :5] >= 0).all() and (rows[:, 5:] == -1).all()
+    ids = {r.id: i for i, r in enumerate(ref.records)}
+    assert rows[ids["img0.png"], 0] == ids["img5.png"]            # the twin is each other's nearest image
+    sample = Image.fromarray((_noisy(photos[0], 0.01, 2).transpose(1, 2, 0) * 255).round().astype(np.uint8))
+    outs = {o.name: o for o in Tracker(ref, [get_embedder(s) for s in c.index.embedders], c).assess([sample])}
+    assert not outs["nn_ratio"].flagged[0] and outs["nn_ratio_dedup"].flagged[0]
+    assert ref.records[outs["nn_ratio_dedup"].match[0]].id in ("img0.png", "img5.png")
+
+
+def test_train_lists_and_baseline_exclude_the_same_record_not_just_the_same_vector():
+    from memtrack import index_neighbours as nb
+
+    a, mirror, b, c, vecs, rows = _views_case()
+    stored = (vecs.reshape(4, -1) * 255).round().astype(np.uint8)
+    x = stored.astype(np.float32) / 255
+    search = lambda q, k: np.argsort(((q[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, :k]  # noqa: E731
+    tn = nb.compute("l2", stored, 255.0, rows, np.arange(4), search, nb.raw_fetch(stored, 255.0), rows, keep=2,
+                    views=2, lists=True, tiled=((3, 4, 4), 2))
+    d = lambda i, j: np.sqrt(((x[i].astype(np.float64) - x[j]) ** 2).mean())  # noqa: E731
+    # the baseline of A's two vectors is the nearest *other image* (B or C), never A's own mirror
+    assert tn.base[0] == pytest.approx(min(d(0, 2), d(0, 3)))
+    assert tn.base[1] == pytest.approx(min(d(1, 2), d(1, 3)))
+    # A's list holds B and C once each, at the minimum over A's two views; B's holds A at min over A's views
+    assert sorted(tn.rows[0].tolist()) == [1, 2] and -1 not in tn.rows[0]
+    assert tn.dist[0].min() == pytest.approx(min(d(0, 2), d(1, 2), d(0, 3), d(1, 3)))
+    b_to_a = tn.dist[1][tn.rows[1].tolist().index(0)]
+    assert b_to_a == pytest.approx(min(d(2, 0), d(2, 1)))
+    assert (tn.tiled > 0).all()
+
+
+def test_the_tiled_baseline_exists_and_baseline_k_is_read(crops, tmp_path):
+    ref = ReferenceIndex.build(read_dataset(crops), [PixelEmbedder(PixelOptions(resolution=RES))], tmp_path / "r",
+                               config(baseline_k=7))
+    rows, dist = ref.train_neighbours("pixel")
+    assert rows.shape == (300, 7) and ref.manifest["spaces"]["pixel"]["train_neighbours"]["k"] == 7
+    assert (np.diff(dist, axis=1) >= 0).all() and (rows >= 0).all()
+    tiled = ref.manifest["baseline"]["pixel_tiled"]
+    assert tiled["grid"] == 4 and tiled["n"] == 300 and "tiled L2" in tiled["statistic"]
+    values = ref.baseline_values("pixel_tiled")
+    assert values.shape == (300,) and (values >= 0).all()
+    # the tiled distance to the nearest image is at least its RMS distance (max over tiles >= overall RMS)
+    assert (values >= dist[:, 0] - 1e-6).all()

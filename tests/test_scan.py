@@ -127,7 +127,8 @@ def test_check_json_on_copies_and_noise(pixel_index, train_dir, tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     by_file = {i["file"]: i for i in out["images"]}
     assert set(by_file) == {"copy_of_coffee.png", "noise.png"}
-    assert by_file["copy_of_coffee.png"]["flags"] == {"nn_ratio": True, "tiled_l2": True, "adaptive_l2": True}
+    assert by_file["copy_of_coffee.png"]["flags"] == {"nn_ratio": True, "nn_ratio_dedup": True, "tiled_l2": True,
+                                                      "adaptive_l2": True}
     assert by_file["copy_of_coffee.png"]["matches"][0]["train_id"] == "coffee.png"
     assert by_file["copy_of_coffee.png"]["scores"]["nn_ratio.d1"] == 0.0
     assert not any(by_file["noise.png"]["flags"].values())
