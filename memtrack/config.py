@@ -57,7 +57,9 @@ class IndexConfig:
     index_type: str = _f("auto", "faiss index: auto (exact Flat while the vectors take <= 256 MiB, then HNSW, "
                          "IVF-Flat, IVF+PQ with exact re-ranking, by size and memory budget; see docs/scale.md), "
                          "or force one of flat, hnsw, ivf_flat, ivf_pq")
-    baseline_k: int = _f(50, "neighbours used for the train->train baseline and the adaptive distance")
+    baseline_k: int = _f(50, "pixel space: nearest other training images kept per training image (train->train "
+                         "lists: adaptive_l2 needs detectors.adaptive_n - 1 of them; near-duplicates and the tiled "
+                         "baseline use them)")
     batch_size: int = _f(64, "images per embedding batch")
     memory_budget: Optional[Union[int, str]] = _f(None, "memory the faiss index may take, e.g. 16GB or 512MiB "
                                                   "(default: half the physical memory); larger IVF indexes keep "

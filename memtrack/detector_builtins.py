@@ -39,15 +39,48 @@ register_detector("nn_ratio_dedup", "pixel", _dedup,
                   check=_needs_lists,
                   regime="two or more training images that are not near-duplicates of each other; near-duplicate = "
                          "within 1/3 of the median train->train nearest-neighbour distance")
+# tiled_l2: tiles smaller than this are no evidence of copying. On held-out random 16-px crops (4-px tiles)
+# tiled_l2's onset came at steps 100-200 while nn_ratio stayed at 0-3% and the samples were still blurry;
+# Carlini et al. compare 128-px tiles of 512-px images. memtrack's own choice: 8 px (32-px images, 4x4 grid).
+MIN_TILE_PX = 8
+
+
+def _tiled_regime(space: str, ev: SpaceEvidence, cfg) -> str | None:
+    h, w = ev.image_shape[1:]
+    tile = min(h, w) // max(1, cfg.tiled_grid)
+    if tile < MIN_TILE_PX:
+        return (f"{cfg.tiled_grid}x{cfg.tiled_grid} tiles of a {h}x{w} image are {tile} px; tiled_l2 needs tiles of "
+                f">= {MIN_TILE_PX} px (at 4 px it fires on blurry samples long before anything is memorized): index "
+                f"at a resolution >= {MIN_TILE_PX * cfg.tiled_grid} px, or lower detectors.tiled_grid")
+    return None
+
+
+def _adaptive_regime(space: str, ev: SpaceEvidence, cfg) -> str | None:
+    n = cfg.adaptive_n
+    if ev.n_rows is not None and ev.n_rows < n:
+        return (f"adaptive_l2 normalises by the mean distance to the n = {n} nearest training images (Carlini et al. "
+                f"2023); this training set has {ev.n_rows}")
+    lists = ev.extra.get("train_neighbours")
+    if lists is None:
+        return _needs_lists(space, ev, cfg)
+    if lists[1].shape[1] < n - 1:
+        return (f"the index keeps {lists[1].shape[1]} train->train neighbours per image; adaptive_n = {n} needs {n - 1}: "
+                f"rebuild it with index.baseline_k >= {n - 1}")
+    return None
+
+
 register_detector("tiled_l2", "pixel",
                   lambda s, ev, cfg: tiled_l2(*_pixel_images(ev), cfg.tiled_l2, cfg.tiled_grid, ev.cand_ids),
                   "Carlini et al. 2023: max over 4x4 tiles of RMS error <= delta", citation=CARLINI,
-                  reproduction=True)
+                  reproduction=True, check=_tiled_regime,
+                  regime=f"tiles of >= {MIN_TILE_PX} px (32-px images with the 4x4 grid); a sample matched to a nearly "
+                         "uniform training image (a flat image of its mean colour within delta) is not judged")
 register_detector("adaptive_l2", "pixel",
-                  lambda s, ev, cfg: adaptive_l2(ev.query, ev.cand_vecs, cfg.adaptive_alpha, cfg.adaptive_n,
-                                                 ev.cand_ids),
-                  "Carlini et al. 2023 (CIFAR-10): l2 / (alpha * mean l2 to the n nearest) <= 1",
-                  citation=CARLINI + " (CIFAR-10 section)")
+                  lambda s, ev, cfg: adaptive_l2(ev.query, ev.cand_vecs, ev.extra["train_neighbours"][1],
+                                                 cfg.adaptive_alpha, cfg.adaptive_n, ev.cand_ids),
+                  "Carlini et al. 2023 (CIFAR-10): l2 / (alpha * mean l2 from the nearest training image to its n "
+                  "nearest) <= 1", citation=CARLINI + ", Section 5.1 (CIFAR-10)", check=_adaptive_regime,
+                  regime="at least n = 50 training images (the mean runs over the matched image's 50 nearest)")
 register_detector("copy", None,
                   lambda s, ev, cfg: copy_score(ev.query, ev.cand_vecs, cfg.copy, f"{s}_copy", ev.cand_ids),
                   "Somepalli et al. 2023: cosine similarity to the nearest training image >= tau",

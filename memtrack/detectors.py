@@ -271,6 +271,24 @@ def tiled_distances(query: np.ndarray, candidates: np.ndarray, grid: int = 4) ->
     return out
 
 
+def flat_distance(images: np.ndarray, grid: int = 4) -> np.ndarray:
+    """``[n]`` the tiled distance from each image to the flat image of its own mean colour: how far a
+    featureless image (what an early, blurry sample looks like) would be from it."""
+    x = np.asarray(images, np.float64)
+    flat = x.mean(axis=(-2, -1), keepdims=True)
+    h, w = x.shape[-2:]
+    out = np.zeros(len(x))
+    for y0, y1 in _tile_bounds(h, grid):
+        for x0, x1 in _tile_bounds(w, grid):
+            rms = np.sqrt(((x[..., y0:y1, x0:x1] - flat) ** 2).mean(axis=(-3, -2, -1)))
+            np.maximum(out, rms, out=out)
+    return out
+
+
+TOO_FLAT = ("the matched training image is nearly uniform: a flat image of its mean colour is within the threshold, "
+            "so any blur of that colour would count as a copy")
+
+
 def tiled_l2(query: np.ndarray, candidates: np.ndarray, threshold: float = 0.15, grid: int = 4,
              candidate_ids: np.ndarray | None = None) -> DetectorOutput:
     """Tiled L2 distance (Carlini et al. 2023, "Extracting Training Data from Diffusion Models").
@@ -282,43 +300,79 @@ def tiled_l2(query: np.ndarray, candidates: np.ndarray, threshold: float = 0.15,
     memtrack's default 0.15 is its own starting point, to calibrate against the tiled train->train baseline
     that the index stores.
 
+    Regime: a match is evidence of copying only if the training image has structure. When a flat image of
+    its own mean colour is within ``threshold`` of it (tiled distance) -- a dark, nearly uniform crop -- any
+    blur of that colour "copies" it, so such a sample gets no verdict (counted under ``not_judged``). Tiles
+    must also be large enough (the registry's check: >= 8 px).
+
     Args:
         query: ``[n, C, H, W]`` samples in [0, 1].
         candidates: ``[n, k, C, H, W]`` candidate training images in [0, 1].
         candidate_ids: ``[n, k]`` their training rows (-1: no candidate).
     """
     rows = candidate_rows(candidates, candidate_ids)
-    ds, rs = per_row(tiled_distances(query, candidates, grid), rows)
+    d = tiled_distances(query, candidates, grid)
+    ds, rs = per_row(d, rows)
     score = ds[:, 0]
-    ok = np.isfinite(score)
-    judged, missing = _judged(ok)
-    return DetectorOutput("tiled_l2", np.where(ok, score, np.nan), ok & (score <= threshold), _match(rs),
+    found = np.isfinite(score)
+    slot = np.argmin(np.where(rows >= 0, np.nan_to_num(d, nan=np.inf), np.inf), axis=1)
+    best = np.asarray(candidates)[np.arange(len(slot)), slot]
+    structured = flat_distance(np.where(found[:, None, None, None], best, 0.0), grid) > threshold
+    ok = found & structured
+    judged, missing = _judged(found)
+    if (found & ~structured).any():
+        judged = ok
+        missing = {**missing, TOO_FLAT: int((found & ~structured).sum())}
+    return DetectorOutput("tiled_l2", np.where(found, score, np.nan), ok & (score <= threshold), _match(rs),
                           float(threshold), "below", judged=judged, not_judged=missing)
 
 
-def adaptive_l2(query: np.ndarray, candidates: np.ndarray, alpha: float = 0.5, n_neighbours: int = 50,
-                candidate_ids: np.ndarray | None = None) -> DetectorOutput:
-    """Adaptive (reference-normalised) distance (Carlini et al. 2023, CIFAR-10 section).
+def neighbourhood_mean(neighbour_dist: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Carlini et al.'s normaliser for training images ``rows``: the mean distance from each to its ``n``
+    nearest training images, itself included (distance 0) -- ``(0 + sum of its n - 1 nearest others) / n``.
+    NaN where the image has fewer than ``n - 1`` neighbours in ``neighbour_dist`` (or ``rows`` is -1)."""
+    nd = np.asarray(neighbour_dist, np.float64)
+    rows = np.asarray(rows, np.int64)
+    if n - 1 > nd.shape[1]:
+        return np.full(len(rows), np.nan)
+    picked = nd[np.where(rows >= 0, rows, 0), :max(n - 1, 0)]
+    mean = picked.sum(axis=1) / n
+    return np.where((rows >= 0) & np.isfinite(mean), mean, np.nan)
 
-    ``l(x_hat, x; S) = l2(x_hat, x) / (alpha * mean_{y in S} l2(x_hat, y))`` where x is the nearest training
-    image and S the ``n`` nearest training images of the generated image x_hat. Flagged when ``<= 1``:
-    the nearest image is much closer than the typical close neighbour. Defaults alpha = 0.5, n = 50; when
-    fewer than ``n`` candidate images are available, all candidates are used.
+
+def adaptive_l2(query: np.ndarray, candidates: np.ndarray, neighbour_dist: np.ndarray, alpha: float = 0.5,
+                n_neighbours: int = 50, candidate_ids: np.ndarray | None = None) -> DetectorOutput:
+    """Adaptive (reference-normalised) distance (Carlini et al. 2023, "Extracting Training Data from Diffusion
+    Models", Section 5.1, CIFAR-10).
+
+    The paper: ``l(x_hat, x; S_x_hat) = l2(x_hat, x) / (alpha * E_{y in S_x_hat}[l2(x_hat, y)])``, "where
+    S_x_hat is the set containing the n closest elements from the training dataset to the example x_hat.
+    This distance is small if the extracted image x is much closer to the training image x_hat compared to
+    the n closest neighbors of x_hat in the training set." So x_hat is the *training* image nearest to the
+    generated image x, and the normaliser is the mean distance from that training image to its own n nearest
+    training images -- not from the generated image (memtrack's earlier reading); x_hat, being in the
+    training set, is its own closest element (aidotse/LeakPro's ``reference_neighborhood_means`` reads it the
+    same way). Flagged when ``<= 1``; alpha = 0.5, n = 50 as in the paper. The normalisers come from the
+    index's exact train->train lists (:func:`neighbourhood_mean`), so only the nearest candidate is needed.
+
+    Regime: the definition needs n training images (the registry reports "not applicable" below that); a
+    sample whose matched image has fewer than n - 1 neighbours in the lists gets no verdict.
+
+    Args:
+        neighbour_dist: ``[n_train, >= n - 1]`` each training image's distances to its nearest others.
     """
     ds, rs = per_row(exact_rms_distances(query, candidates), candidate_rows(candidates, candidate_ids))
-    count = np.isfinite(ds).sum(axis=1)
-    n = np.minimum(n_neighbours, count)
-    fin = np.where(np.isfinite(ds), ds, 0.0)
+    d1, m = ds[:, 0], rs[:, 0]
+    mean = neighbourhood_mean(neighbour_dist, m, n_neighbours)
+    ok = np.isfinite(d1) & np.isfinite(mean)
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean_n = np.where(n > 0, np.cumsum(fin, axis=1)[np.arange(len(ds)), np.maximum(n - 1, 0)] / np.maximum(n, 1),
-                          np.nan)
-        score = np.where(mean_n > 0, ds[:, 0] / (alpha * np.where(mean_n > 0, mean_n, 1.0)), 0.0)
-    ok = count > 0
+        score = np.where(mean > 0, d1 / (alpha * np.where(mean > 0, mean, 1.0)), np.where(d1 > 0, np.inf, 0.0))
     score = np.where(ok, score, np.nan)
     judged, missing = _judged(ok)
     return DetectorOutput("adaptive_l2", score, ok & (np.nan_to_num(score, nan=np.inf) <= 1.0), _match(rs), 1.0,
-                          "below", {"alpha": np.full(len(score), alpha), "n": n.astype(np.float64)},
-                          judged=judged, not_judged=missing)
+                          "below", {"d1": np.where(np.isfinite(d1), d1, np.nan), "neighbourhood": mean},
+                          judged=judged, not_judged=missing,
+                          info={"alpha": float(alpha), "n": int(n_neighbours)})
 
 
 def copy_score(query: np.ndarray, candidates: np.ndarray, threshold: float = 0.5, name: str = "copy",

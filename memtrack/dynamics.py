@@ -36,20 +36,41 @@ def onset(steps: Sequence[int], ci_lows: Sequence[float | None], baseline_rate: 
 
 
 def onsets(checkpoints: Sequence[dict], baseline_rate: float = 0.01, persistence: int = 2) -> dict:
-    """``onset`` for every rate metric found in summary-style checkpoint dicts."""
+    """``onset`` for every rate metric found in summary-style checkpoint dicts.
+
+    A metric that is not applicable (``{"applicable": false, "reason"}``, a detector outside its regime) at
+    the latest checkpoint that reports it gets ``{"step": None, ..., "applicable": False, "reason": ...}``:
+    it has no onset and never drives the recommended checkpoint. Checkpoints where a metric was not
+    applicable count as "not above" for it.
+    """
     names: list[str] = []
     for ck in checkpoints:
         for name, m in ck.get("metrics", {}).items():
-            if "ci_low" in m and name not in names:
+            if isinstance(m, dict) and ("ci_low" in m or m.get("applicable") is False) and name not in names:
                 names.append(name)
+    ordered = sorted(checkpoints, key=lambda c: c["step"])
     steps = [ck["step"] for ck in checkpoints]
-    return {name: onset(steps, [ck.get("metrics", {}).get(name, {}).get("ci_low") for ck in checkpoints],
-                        baseline_rate, persistence) for name in names}
+    out = {}
+    for name in names:
+        latest = next((c["metrics"][name] for c in reversed(ordered) if name in c.get("metrics", {})), {})
+        if latest.get("applicable") is False:
+            out[name] = {"step": None, "between": None, "confirmed": False, "applicable": False,
+                         "reason": latest.get("reason") or "outside the detector's regime"}
+            continue
+        out[name] = onset(steps, [ck.get("metrics", {}).get(name, {}).get("ci_low") for ck in checkpoints],
+                          baseline_rate, persistence)
+    return out
+
+
+def _drives(o: dict) -> bool:
+    """Whether an onset block may drive the recommendation: a step, on an applicable metric."""
+    return o.get("step") is not None and o.get("applicable", True) is not False
 
 
 def last_clean_checkpoint(checkpoints: Sequence[dict], onset_blocks: dict) -> dict:
-    """The recommended checkpoint: the last one before the earliest onset of any metric."""
-    first = [o["step"] for o in onset_blocks.values() if o.get("step") is not None]
+    """The recommended checkpoint: the last one before the earliest onset of any applicable metric."""
+    onset_blocks = {n: o for n, o in onset_blocks.items() if _drives(o)}
+    first = [o["step"] for o in onset_blocks.values()]
     steps = sorted(ck["step"] for ck in checkpoints)
     if not steps:
         return {"step": None, "reason": "no checkpoints evaluated"}
@@ -68,7 +89,7 @@ def last_clean_checkpoint(checkpoints: Sequence[dict], onset_blocks: dict) -> di
 
 #: Detectors whose flagged match names a reproduced training image, in the order :func:`match_table`
 #: prefers them when several flag one sample (the ``*_copy`` spaces come after, by name).
-REPRODUCTION_DETECTORS = ("nn_ratio", "tiled_l2")
+REPRODUCTION_DETECTORS = ("nn_ratio", "nn_ratio_dedup", "tiled_l2")
 
 
 def match_table(evaluations: Sequence[tuple[int, Sequence[dict]]], train_ids: Sequence[str] | None = None,
@@ -80,8 +101,9 @@ def match_table(evaluations: Sequence[tuple[int, Sequence[dict]]], train_ids: Se
             ``{"seed": int, "flags": {detector: bool}, "matches": {detector: training row}}``.
         train_ids: training ids by row (None: the row number, as a string, is the id).
         detectors: the detectors whose flagged match counts, most trusted first. Default: ``nn_ratio``,
-            ``tiled_l2``, then every ``*_copy`` space -- the detectors that say *which* image was reproduced
-            (the same set that :func:`memtrack.metrics.aggregate` counts as distinct reproduced images).
+            ``nn_ratio_dedup``, ``tiled_l2``, then every ``*_copy`` space -- the detectors that say *which*
+            image was reproduced (those registered with ``reproduction=True``, the set that
+            :func:`memtrack.metrics.aggregate` counts as distinct reproduced images).
 
     Returns:
         ``{"steps": [int], "seeds": [int], "matches": [[train_id | None per seed] per checkpoint]}`` -- one

@@ -85,6 +85,7 @@ class Tracker:
         for emb in self.embedders:
             index.check_embedder(emb)
         self.plan = SamplePlan.from_config(self.config.sampling, prompts)
+        self._warn_untuned_k()
         self._loss_gap_probe = make_loss_gap_probe(self.config, index) if _is_main(accelerator) else None
         self._last_step: int | None = None
 
@@ -239,11 +240,20 @@ class Tracker:
         broadcast_object_list(box, from_process=0)
         return box[0]
 
+    def _warn_untuned_k(self) -> None:
+        """An approximate index was tuned for one k; searching another leaves its recall unmeasured."""
+        for emb in self.embedders:
+            info = self.index.spaces[emb.name].info
+            tuned = (info.get("recall") or {}).get("k")
+            if info.get("index_kind", "flat") != "flat" and tuned and not hasattr(emb, "embed_faces") \
+                    and tuned != self._k(emb.name):
+                logger.warning("the %s index was tuned for k = %d candidates, this scan asks for %d: its recall at "
+                               "this k was not measured (rebuild the index with index.k = %d)", emb.name, tuned,
+                               self._k(emb.name), self._k(emb.name))
+
     def _k(self, space: str) -> int:
         """Training images (not vectors) to fetch per sample in ``space``."""
-        k = self.config.index.k
-        if space == "pixel":
-            k = max(k, self.config.detectors.adaptive_n, 2)
+        k = max(self.config.index.k, 2)  # the k the index was tuned for; nn_ratio needs 2 images
         return max(1, min(k, self.index.spaces[space].n_rows))
 
     def _sample(self, ck: Checkpoint, pipeline) -> tuple[Samples, object]:

@@ -80,7 +80,7 @@ def test_sparse_ivf_lists_give_missing_candidates_and_no_zero_vector_reaches_a_d
     seen = _capture(monkeypatch)
     images = [Image.new("RGB", (16, 16), (0, 0, 0)), Image.new("RGB", (16, 16), (40, 30, 20))]
     images += [Image.open(p).convert("RGB") for p in sorted(read_dataset_paths(sparse_ivf))[:6]]
-    cfg = config().copy()
+    cfg = config(k=60)  # more candidates than one IVF list holds
     outputs = {o.name: o for o in Tracker(sparse_ivf, [PixelEmbedder(PixelOptions(resolution=RES))], cfg)
                .assess(images)}
     ev = seen["pixel"]
@@ -139,7 +139,7 @@ def test_no_candidate_at_all_makes_the_metric_not_applicable_not_zero():
 def _views_case():
     """Rows: 0 = image A with two vectors (itself and its mirror), 1 = image B, 2 = image C."""
     rng = np.random.default_rng(4)
-    a, b, c = (rng.random((3, 4, 4)) for _ in range(3))
+    a, b, c = (rng.random((3, 16, 16)) for _ in range(3))
     mirror = a[:, :, ::-1]
     vecs = np.stack([a, mirror, b, c])                  # [4 vectors, 3, 4, 4]
     rows = np.array([0, 0, 1, 2])
@@ -171,7 +171,7 @@ def test_every_detector_takes_the_minimum_over_an_images_views():
     assert nn.extra["d1"][0] == 0.0 and nn.match[0] == 0 and nn.flagged[0] and nn.extra["d2"][0] > 0
     cos = copy_score(*flat, candidate_ids=ids)
     assert cos.score[0] == pytest.approx(1.0) and cos.match[0] == 0
-    ad = adaptive_l2(*flat, n_neighbours=3, candidate_ids=ids)
+    ad = adaptive_l2(*flat, np.ones((3, 2)), n_neighbours=3, candidate_ids=ids)
     assert ad.match[0] == 0 and ad.score[0] == 0.0
 
 
@@ -198,7 +198,7 @@ def test_registered_detectors_ignore_missing_slots_in_hand_made_evidence():
     ids = np.stack([rows, rows])
     cand[1, 3] = np.nan
     ids[1, 3] = -1                                      # sample 1 lost its 4th candidate (image C)
-    ev = SpaceEvidence("l2", query, ids, cand, (3, 4, 4), n_rows=3)
+    ev = SpaceEvidence("l2", query, ids, cand, (3, 16, 16), n_rows=3)
     cfg = DetectorsConfig(tiled_grid=2)
     with np.errstate(all="raise"):
         outs = {o.name: o for o in run_detectors({"pixel": ev}, cfg)}
@@ -360,7 +360,7 @@ def test_train_lists_and_baseline_exclude_the_same_record_not_just_the_same_vect
     x = stored.astype(np.float32) / 255
     search = lambda q, k: np.argsort(((q[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, :k]  # noqa: E731
     tn = nb.compute("l2", stored, 255.0, rows, np.arange(4), search, nb.raw_fetch(stored, 255.0), rows, keep=2,
-                    views=2, lists=True, tiled=((3, 4, 4), 2))
+                    views=2, lists=True, tiled=((3, 16, 16), 2))
     d = lambda i, j: np.sqrt(((x[i].astype(np.float64) - x[j]) ** 2).mean())  # noqa: E731
     # the baseline of A's two vectors is the nearest *other image* (B or C), never A's own mirror
     assert tn.base[0] == pytest.approx(min(d(0, 2), d(0, 3)))

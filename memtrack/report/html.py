@@ -17,8 +17,8 @@ from .html_gallery import identities_section, matches_section
 from .html_probes import probes_section
 from .markup import Raw, badge, esc, facts, section, table
 from .style import CSS
-from .text import (changes_sentence, checkpoints, fmt_ci, fmt_num, fmt_pct, fmt_step, label, onset_sentences,
-                   rate_metrics, recommended_sentence)
+from .text import (changes_sentence, checkpoints, fmt_ci, fmt_num, fmt_pct, fmt_step, label, na_text,
+                   onset_sentences, rate_metrics, recommended_sentence, table_metrics)
 
 
 def render_html(summary: dict, gallery: list[dict], *, runs: list[dict] | None = None) -> str:
@@ -107,11 +107,13 @@ def _latest(summary: dict) -> Raw:
     cp = cps[-1]
     metrics, onsets = cp.get("metrics") or {}, summary.get("onset") or {}
     rows = []
-    for m in rate_metrics([summary]):
+    for m in table_metrics([summary]):
         b = metrics.get(m)
         o = onsets.get(m) or {}
         onset = fmt_step(o.get("step")) if o.get("step") is not None else ("none" if m in onsets else "")
-        if b and "rate" in b:
+        if b and b.get("applicable") is False:
+            rows.append([label(m), na_text(b.get("reason")), "", "", "n/a"])
+        elif b and "rate" in b:
             rows.append([label(m), fmt_pct(b["rate"]), fmt_ci(b), f"{b.get('count', '')}/{b.get('n', '')}", onset])
         else:
             rows.append([label(m), "not measured", "", "", onset])
