@@ -2,7 +2,7 @@
 plug-in: the function that runs each one on a space's evidence, its citation and its regime."""
 from __future__ import annotations
 
-from .detector_registry import register_detector
+from .detector_registry import Provenance, register_detector
 from .detectors import SpaceEvidence, adaptive_l2, copy_score, duplicate_distance, nn_ratio, nn_ratio_dedup, tiled_l2
 
 GU = "Gu et al. 2023, On Memorization in Diffusion Models"
@@ -19,7 +19,8 @@ def _pixel_images(ev: SpaceEvidence):
 register_detector("nn_ratio", "pixel",
                   lambda s, ev, cfg: nn_ratio(ev.query, ev.cand_vecs, cfg.nn_ratio, ev.cand_ids),
                   "Gu et al. 2023: d1/d2 < 1/3 on raw pixels", citation=GU, reproduction=True,
-                  regime="two or more training images")
+                  regime="two or more training images",
+                  provenance=Provenance("published", ("nn_ratio",), GU, "d1/d2 < 1/3, the paper's threshold"))
 def _needs_lists(space: str, ev: SpaceEvidence, cfg) -> str | None:
     if ev.extra.get("train_neighbours") is None:
         return ("the index has no train->train neighbour lists (it was built by an older memtrack): rebuild it "
@@ -37,6 +38,9 @@ register_detector("nn_ratio_dedup", "pixel", _dedup,
                   "Gu et al.'s d1/d2 < 1/3, d2 taken past the nearest image's near-duplicates (memtrack's variant)",
                   citation=GU + " (ratio and threshold); the deduplicated d2 is memtrack's", reproduction=True,
                   check=_needs_lists,
+                  provenance=Provenance("memtrack", ("nn_ratio",), GU + " (the 1/3); memtrack's deduplicated d2",
+                                        "Gu et al.'s 1/3 applied to memtrack's d2 past near-duplicates; the "
+                                        "near-duplicate distance is calibrated on the train->train lists"),
                   regime="two or more training images that are not near-duplicates of each other; near-duplicate = "
                          "within 1/3 of the median train->train nearest-neighbour distance")
 # tiled_l2: tiles smaller than this are no evidence of copying. On held-out random 16-px crops (4-px tiles)
@@ -73,6 +77,10 @@ register_detector("tiled_l2", "pixel",
                   lambda s, ev, cfg: tiled_l2(*_pixel_images(ev), cfg.tiled_l2, cfg.tiled_grid, ev.cand_ids),
                   "Carlini et al. 2023: max over 4x4 tiles of RMS error <= delta", citation=CARLINI,
                   reproduction=True, check=_tiled_regime,
+                  provenance=Provenance("memtrack", ("tiled_l2", "tiled_grid"), CARLINI + " (the tiled distance)",
+                                        "the paper publishes no threshold for linking generations; 0.15 is "
+                                        "memtrack's starting point -- compare it with the tiled train->train "
+                                        "baseline (summary.json baseline.pixel_tiled)"),
                   regime=f"tiles of >= {MIN_TILE_PX} px (32-px images with the 4x4 grid); a sample matched to a nearly "
                          "uniform training image (a flat image of its mean colour within delta) is not judged")
 register_detector("adaptive_l2", "pixel",
@@ -80,8 +88,13 @@ register_detector("adaptive_l2", "pixel",
                                                  cfg.adaptive_alpha, cfg.adaptive_n, ev.cand_ids),
                   "Carlini et al. 2023 (CIFAR-10): l2 / (alpha * mean l2 from the nearest training image to its n "
                   "nearest) <= 1", citation=CARLINI + ", Section 5.1 (CIFAR-10)", check=_adaptive_regime,
+                  provenance=Provenance("published", ("adaptive_alpha", "adaptive_n"), CARLINI + ", Section 5.1",
+                                        "alpha = 0.5, n = 50, flagged when <= 1, as in the paper"),
                   regime="at least n = 50 training images (the mean runs over the matched image's 50 nearest)")
 register_detector("copy", None,
                   lambda s, ev, cfg: copy_score(ev.query, ev.cand_vecs, cfg.copy, f"{s}_copy", ev.cand_ids),
                   "Somepalli et al. 2023: cosine similarity to the nearest training image >= tau",
-                  citation=SOMEPALLI, reproduction=True)
+                  citation=SOMEPALLI, reproduction=True,
+                  provenance=Provenance("memtrack", ("copy",), SOMEPALLI,
+                                        "SSCD's loose 0.5 (Somepalli et al.), not a published value for this "
+                                        "descriptor"))

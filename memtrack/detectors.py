@@ -55,7 +55,7 @@ class DetectorOutput:
     threshold: float
     direction: Literal["below", "above"]
     extra: dict = field(default_factory=dict)
-    threshold_source: str = "default"
+    threshold_source: str = "config"
     applicable: bool = True
     reason: str | None = None
     judged: np.ndarray | None = None

@@ -330,21 +330,11 @@ def embedders_for(ref: ReferenceIndex, cfg: Config) -> list[Embedder]:
 
 
 def thresholds_block(outputs: Sequence[DetectorOutput], config: Config) -> dict:
-    """The ``thresholds`` block of summary.json: value, source and citation of every detector's threshold."""
-    cites = {"nn_ratio": "Gu et al. 2023, On Memorization in Diffusion Models",
-             "tiled_l2": "Carlini et al. 2023, Extracting Training Data from Diffusion Models",
-             "adaptive_l2": "Carlini et al. 2023 (CIFAR-10 section)",
-             "identity_leak": "verification threshold of the face model (dlib: 0.6) or calibrated at the target "
-                              "false-match rate; Tinsley et al. 2021, Otroshi Shahreza & Marcel 2024",
-             "identity_interpolation": "both identities verified (MMPMR, Scherhag et al. 2017) and d1/d2 > r "
-                                       "(Gu et al. 2023's ratio over identities)"}
-    out = {}
-    for o in outputs:
-        cite = cites.get(o.name, "Somepalli et al. 2023, Diffusion Art or Digital Forgery?"
-                         if o.name.endswith("_copy") else "")
-        out[o.name] = {"value": o.threshold, "source": getattr(o, "threshold_source", "default"),
-                       "direction": o.direction, "citation": cite}
-    return out
+    """The ``thresholds`` block of summary.json: per detector its value, direction, source (``published`` /
+    ``calibrated`` / ``config`` / ``memtrack``), citation, regime and whether it applied (with the reason)."""
+    from .detector_registry import threshold_info
+
+    return {o.name: threshold_info(o) for o in outputs}
 
 
 def png_bytes(image: Image.Image, max_side: int | None = None) -> bytes:

@@ -124,8 +124,8 @@ NA = {"applicable": False, "reason": "adaptive_l2 normalises by the mean distanc
 def test_not_applicable_never_drives_onsets_or_the_recommendation():
     cks = [_ck(100, 0.0, NA), _ck(200, 0.0, NA), _ck(300, 0.05, NA), _ck(400, 0.06, NA), _ck(500, 0.07, NA)]
     on = onsets(cks)
-    assert on["adaptive_l2"] == {"step": None, "between": None, "confirmed": False, "applicable": False,
-                                 "reason": NA["reason"]}
+    assert on["adaptive_l2"] == {"step": None, "between": None, "confirmed": False, "provisional": None,
+                                 "applicable": False, "reason": NA["reason"]}
     assert on["nn_ratio"]["step"] == 300
     rec = last_clean_checkpoint(cks, {**on, "adaptive_l2": {"step": 100, "applicable": False}})
     assert rec["step"] == 200 and "nn_ratio" in rec["reason"]
@@ -160,3 +160,80 @@ def test_not_applicable_flows_from_the_store_to_every_report_and_the_gates(eight
     with pytest.raises(GateError, match="not applicable"):
         check_gates(summary, ["adaptive_l2.onset != null"])
     assert check_gates(summary, ["nn_ratio.rate >= 0"])[0][1] is True
+
+
+# ------------------------------------------------------------------------------- threshold provenance
+
+
+def _pixel_evidence():
+    photos = training_images(32)
+    q = photos[:2].reshape(2, -1).astype(np.float32)
+    cand = np.broadcast_to(photos.reshape(5, -1), (2, 5, 3 * 32 * 32)).astype(np.float32).copy()
+    rows = np.tile(np.arange(5), (2, 1))
+    return {"pixel": SpaceEvidence("l2", q, rows, cand, (3, 32, 32), n_rows=5)}
+
+
+def test_a_threshold_set_in_the_config_is_reported_as_config_and_defaults_keep_their_provenance():
+    from memtrack.tracker import thresholds_block
+
+    cfg = Config()
+    default = thresholds_block(run_detectors(_pixel_evidence(), cfg.detectors), cfg)
+    assert default["nn_ratio"]["source"] == "published" and "Gu et al." in default["nn_ratio"]["citation"]
+    assert default["tiled_l2"]["source"] == "memtrack"            # the paper publishes no linking threshold
+    assert default["adaptive_l2"]["source"] == "published" and default["adaptive_l2"]["applicable"] is False
+    assert "n = 50" in default["adaptive_l2"]["regime"] and "has 5" in default["adaptive_l2"]["reason"]
+    assert ">= 8 px" in default["tiled_l2"]["regime"]
+    cfg.detectors.nn_ratio = 0.25
+    cfg.detectors.tiled_l2 = 0.1
+    changed = thresholds_block(run_detectors(_pixel_evidence(), cfg.detectors), cfg)
+    assert changed["nn_ratio"]["source"] == "config" and changed["nn_ratio"]["value"] == 0.25
+    assert "detectors.nn_ratio = 0.25" in changed["nn_ratio"]["detail"]
+    assert changed["tiled_l2"]["source"] == "config"
+    assert all(th["source"] in ("published", "calibrated", "config", "memtrack") for th in changed.values())
+
+
+def test_the_identity_interpolation_ratio_is_memtracks_choice_never_published():
+    from memtrack.detector_registry import get_detector
+    from memtrack.detectors import DetectorOutput
+
+    out = DetectorOutput("identity_interpolation", np.zeros(1), np.zeros(1, bool), np.zeros(1, np.int64), 0.6,
+                         "above", {"verification_threshold_source": np.array(["calibrated"], dtype=object)})
+    prov = get_detector("identity_interpolation").provenance
+    source, detail = prov.of("face", DetectorsConfig(), out)
+    assert source == "memtrack" and "verification threshold is calibrated" in detail
+    assert prov.of("face", DetectorsConfig(identity_ratio=0.7), out)[0] == "config"
+
+
+# ------------------------------------------------------------------------------------- confirmed onsets
+
+
+def _summary_with_a_late_rise():
+    cks = [_ck(s, lo, {"rate": 0.0, "ci_low": 0.0, "ci_high": 0.3, "count": 0, "n": 8})
+           for s, lo in ((100, 0.0), (200, 0.0), (300, 0.0), (400, 0.2))]
+    on = onsets(cks)
+    return {"run": "r", "checkpoints": cks, "onset": on, "onset_rule": {"baseline_rate": 0.01, "persistence": 2},
+            "recommended_checkpoint": last_clean_checkpoint(cks, on)}
+
+
+def test_an_unconfirmed_onset_does_not_trip_onset_gates_or_move_the_recommendation():
+    s = _summary_with_a_late_rise()
+    assert s["onset"]["nn_ratio"]["step"] is None and s["onset"]["nn_ratio"]["provisional"]["step"] == 400
+    [(gate, tripped, observed)] = check_gates(s, ["nn_ratio.onset != null"])
+    assert not tripped and observed is None
+    assert s["recommended_checkpoint"]["step"] == 400 and "not yet confirmed" in s["recommended_checkpoint"]["reason"]
+    # a summary written by an older memtrack (an unconfirmed step in "step") is read the same way
+    old = {**s, "onset": {"nn_ratio": {"step": 400, "between": [300, 400], "confirmed": False}}}
+    assert check_gates(old, ["nn_ratio.onset != null"])[0][1] is False
+    # and the reports show it apart, as provisional
+    term = render_table(s)
+    assert "provisional 400" in term and "rose at step 400 (between 300 and 400): provisional" in term
+    assert "began at step" not in term
+
+
+def test_a_confirmed_onset_trips_the_gate_and_drives_the_recommendation():
+    cks = [_ck(s, lo, NA) for s, lo in ((100, 0.0), (200, 0.05), (300, 0.06), (400, 0.07))]
+    on = onsets(cks)
+    s = {"checkpoints": cks, "onset": on}
+    assert on["nn_ratio"] == {"step": 200, "between": [100, 200], "confirmed": True, "provisional": None}
+    assert check_gates(s, ["nn_ratio.onset != null"])[0][1] is True
+    assert last_clean_checkpoint(cks, on)["step"] == 100

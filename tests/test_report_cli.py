@@ -38,9 +38,10 @@ def test_report_writes_html_and_summary(scanned, tmp_path, capsys):
     summary = json.loads((out.parent / "summary.json").read_text(), parse_constant=_refuse)  # strict JSON
     assert [c["step"] for c in summary["checkpoints"]] == [10, 20, 30]
     assert summary["index"]["n_train"] == 6 and summary["dataset"]["n_train"] == 6
-    assert summary["thresholds"]["nn_ratio"]["source"] == "default"
+    assert summary["thresholds"]["nn_ratio"]["source"] == "published"           # Gu et al.'s 1/3
+    assert summary["thresholds"]["tiled_l2"]["source"] == "memtrack"            # the paper publishes none
     assert set(summary["onset"]) >= {"nn_ratio", "tiled_l2", "adaptive_l2"}
-    assert summary["onset"]["nn_ratio"] == {"step": None, "between": None, "confirmed": False}
+    assert summary["onset"]["nn_ratio"] == {"step": None, "between": None, "confirmed": False, "provisional": None}
     assert summary["recommended_checkpoint"]["step"] == 30
     for ck in summary["checkpoints"]:
         m = ck["metrics"]["nn_ratio"]

@@ -20,7 +20,7 @@ from .html_charts import run_names
 from .markup import image_mime
 from .svg import DASHES, OKABE_ITO
 from .text import (changes_sentence, checkpoints, comparison, fmt_ci, fmt_pct, fmt_step, label, na_text,
-                   onset_sentences, rate_metrics, recommended_sentence, series, table_metrics)
+                   onset_cell, onset_sentences, rate_metrics, recommended_sentence, series, table_metrics)
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp"}
 _PREFIX = "memtrack-"
@@ -75,7 +75,7 @@ def _latest_table(summary: dict) -> str:
     for m in table_metrics([summary]):
         b = (cp.get("metrics") or {}).get(m)
         o = onsets.get(m)
-        onset = fmt_step(o["step"]) if o and o.get("step") is not None else ("none" if o is not None else "")
+        onset = onset_cell(o)
         if b and b.get("applicable") is False:
             rows.append(f"| {md(label(m))} | {md(na_text(b.get('reason')))} | | | n/a |")
         elif b and "rate" in b:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import unicodedata
 
-from .text import (changes_sentence, checkpoints, fmt_ci, fmt_pct, fmt_step, label, na_text, onset_sentences,
-                   recommended_sentence, table_metrics)
+from .text import (changes_sentence, checkpoints, fmt_ci, fmt_pct, fmt_step, label, na_text, onset_cell,
+                   onset_sentences, recommended_sentence, table_metrics)
 
 _HEADERS = ("metric", "flagged", "95% CI", "count/n", "onset")
 _RIGHT = {1, 2, 3}
@@ -47,12 +47,12 @@ def render_table(summary: dict) -> str:
 
 
 def _row(metric: str, block: dict | None, onset: dict | None) -> tuple[str, ...]:
-    if onset and onset.get("step") is not None:
+    if onset and onset.get("step") is not None and onset.get("confirmed", True) is not False:
         between = onset.get("between")
         when = f"step {fmt_step(onset['step'])}" + (
             f" ({fmt_step(between[0])}-{fmt_step(between[1])})" if between and len(between) == 2 else "")
     else:
-        when = "none" if onset is not None else ""
+        when = onset_cell(onset)
     if block and block.get("applicable") is False:
         return (label(metric), na_text(block.get("reason")), "", "", "n/a")
     if not block or "rate" not in block:
