@@ -2,6 +2,8 @@
 plug-in: the function that runs each one on a space's evidence, its citation and its regime."""
 from __future__ import annotations
 
+import numpy as np
+
 from .detector_registry import Provenance, register_detector
 from .detectors import SpaceEvidence, adaptive_l2, copy_score, duplicate_distance, nn_ratio, nn_ratio_dedup, tiled_l2
 
@@ -91,10 +93,65 @@ register_detector("adaptive_l2", "pixel",
                   provenance=Provenance("published", ("adaptive_alpha", "adaptive_n"), CARLINI + ", Section 5.1",
                                         "alpha = 0.5, n = 50, flagged when <= 1, as in the paper"),
                   regime="at least n = 50 training images (the mean runs over the matched image's 50 nearest)")
-register_detector("copy", None,
-                  lambda s, ev, cfg: copy_score(ev.query, ev.cand_vecs, cfg.copy, f"{s}_copy", ev.cand_ids),
-                  "Somepalli et al. 2023: cosine similarity to the nearest training image >= tau",
-                  citation=SOMEPALLI, reproduction=True,
-                  provenance=Provenance("memtrack", ("copy",), SOMEPALLI,
-                                        "SSCD's loose 0.5 (Somepalli et al.), not a published value for this "
-                                        "descriptor"))
+# ------------------------------------------------------------------------------ copy scores, per descriptor
+
+#: fewer training images than this give no meaningful train->train quantile to calibrate a copy threshold on
+MIN_CALIBRATION = 10
+
+
+def copy_threshold(space: str, ev: SpaceEvidence, cfg) -> tuple[float | None, str, str]:
+    """``(threshold, source, detail)`` of a feature space's copy score; threshold None: cannot be set (detail
+    says why). A copy threshold belongs to its descriptor:
+
+    1. ``detectors.copy_thresholds[space]``, then ``detectors.copy`` -- ``published`` when the value is one the
+       descriptor's literature publishes (SSCD: 0.5 Somepalli et al., 0.7 Wen et al.), else ``config``;
+    2. the descriptor's own published default (the embedder's ``copy_threshold``: SSCD 0.5);
+    3. otherwise (CLIP, any descriptor without one) ``calibrated``: the ``detectors.copy_quantile`` quantile of
+       the training images' cosine similarity to their nearest *other* training image -- a sample is a copy
+       when it is closer to a training image than 99% of training images are to any other one. CLIP cosine is
+       not SSCD cosine: unrelated images often exceed 0.5 in CLIP space.
+    """
+    published = {float(k): str(v) for k, v in (ev.extra.get("published_copy") or {}).items()}
+    for value, where in ((cfg.copy_thresholds.get(space), f"detectors.copy_thresholds.{space}"), (cfg.copy, "detectors.copy")):
+        if value is not None:
+            cite = next((c for v, c in published.items() if abs(v - float(value)) < 1e-9), None)
+            if cite:
+                return float(value), "published", f"{where} = {value}: {cite}"
+            return float(value), "config", f"set in the config: {where} = {value}"
+    default = ev.extra.get("copy_default")
+    if default is not None and float(default) in published:
+        return float(default), "published", published[float(default)]
+    sims = np.asarray(ev.extra.get("train_similarity", []), np.float64)
+    sims = sims[np.isfinite(sims)]
+    if sims.size < MIN_CALIBRATION:
+        return None, "calibrated", (f"{space} has no published copy threshold and calibrating one needs the "
+                                    f"train->train similarities of >= {MIN_CALIBRATION} training images (this index: "
+                                    f"{sims.size}); set detectors.copy_thresholds.{space}")
+    q = cfg.copy_quantile
+    tau = float(np.quantile(sims, q))
+    return tau, "calibrated", (f"calibrated: the {100 * q:g}th percentile of {sims.size} training images' cosine "
+                               f"similarity to their nearest other training image")
+
+
+def _copy_regime(space: str, ev: SpaceEvidence, cfg) -> str | None:
+    value, _, detail = copy_threshold(space, ev, cfg)
+    return detail if value is None else None
+
+
+def _copy(space: str, ev: SpaceEvidence, cfg):
+    value, source, detail = copy_threshold(space, ev, cfg)
+    out = copy_score(ev.query, ev.cand_vecs, value, f"{space}_copy", ev.cand_ids)
+    out.threshold_source = source
+    out.info["threshold_detail"] = detail
+    return out
+
+
+register_detector("copy", None, _copy,
+                  "Somepalli et al. 2023: cosine similarity to the nearest training image >= tau, tau the "
+                  "descriptor's own (published for SSCD, calibrated on train->train for CLIP)",
+                  citation=SOMEPALLI, reproduction=True, check=_copy_regime,
+                  regime="a copy threshold for this descriptor: published (SSCD) or calibrated on >= "
+                         f"{MIN_CALIBRATION} training images",
+                  provenance=Provenance("calibrated", (), SOMEPALLI,
+                                        resolve=lambda s, cfg, out: None if not out.applicable else
+                                        (out.threshold_source, out.info.get("threshold_detail", ""))))

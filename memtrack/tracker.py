@@ -188,7 +188,8 @@ class Tracker:
                 # k training images may have several vectors each (views): ask for k * views vectors
                 _, ids = self.index.search(emb.name, query, self._k(emb.name) * space.views)
                 shape = (3, emb.options.resolution, emb.options.resolution) if emb.name == "pixel" else None
-                extra = {"train_neighbours": self.index.train_neighbours(emb.name)} if shape else {}
+                extra = {"train_neighbours": self.index.train_neighbours(emb.name)} if shape else \
+                    self._feature_extra(emb)
                 evidence[emb.name] = SpaceEvidence(space.metric, query, self.index.record_rows(emb.name, ids),
                                                    self.index.candidates(emb.name, ids), shape, extra,
                                                    n_rows=space.n_rows)
@@ -239,6 +240,20 @@ class Tracker:
         box = [value]
         broadcast_object_list(box, from_process=0)
         return box[0]
+
+    def _feature_extra(self, emb: Embedder) -> dict:
+        """What a feature space's copy score needs: the descriptor's published thresholds, if any, and the
+        train->train similarities to calibrate one on."""
+        cache = self.__dict__.setdefault("_feature_extras", {})
+        if emb.name not in cache:
+            try:
+                sims = self.index.baseline_values(emb.name)
+            except OSError:
+                sims = np.zeros(0)
+            cache[emb.name] = {"train_similarity": sims,
+                               "published_copy": getattr(emb, "published_copy_thresholds", None),
+                               "copy_default": getattr(emb, "copy_threshold", None)}
+        return cache[emb.name]
 
     def _warn_untuned_k(self) -> None:
         """An approximate index was tuned for one k; searching another leaves its recall unmeasured."""
