@@ -70,8 +70,8 @@ def _adaptive_regime(space: str, ev: SpaceEvidence, cfg) -> str | None:
     if lists is None:
         return _needs_lists(space, ev, cfg)
     if lists[1].shape[1] < n - 1:
-        return (f"the index keeps {lists[1].shape[1]} train->train neighbours per image; adaptive_n = {n} needs {n - 1}: "
-                f"rebuild it with index.baseline_k >= {n - 1}")
+        return (f"the index keeps {lists[1].shape[1]} train->train neighbours per image; adaptive_n = {n} needs "
+                f"{n - 1}: rebuild it with index.baseline_k >= {n - 1}")
     return None
 
 
@@ -112,7 +112,8 @@ def copy_threshold(space: str, ev: SpaceEvidence, cfg) -> tuple[float | None, st
        not SSCD cosine: unrelated images often exceed 0.5 in CLIP space.
     """
     published = {float(k): str(v) for k, v in (ev.extra.get("published_copy") or {}).items()}
-    for value, where in ((cfg.copy_thresholds.get(space), f"detectors.copy_thresholds.{space}"), (cfg.copy, "detectors.copy")):
+    settings = ((cfg.copy_thresholds.get(space), f"detectors.copy_thresholds.{space}"), (cfg.copy, "detectors.copy"))
+    for value, where in settings:
         if value is not None:
             cite = next((c for v, c in published.items() if abs(v - float(value)) < 1e-9), None)
             if cite:

@@ -66,7 +66,8 @@ QUANTIZER_EF_MIN = 128
 # queries cost ~n*dim / 2.7e8 s: 2^31 elements (700k 32-px images) take ~8 s per checkpoint. The build's
 # train->train search (every training image a query) costs ~n^2*dim / 3.4e10 s: 1.2e14 takes ~1 h, so it
 # binds first (~200k 32-px images, 100k at 64 px, 50k at 128 px). Beyond either, HNSW/IVF with the 2nd
-# neighbour's recall measured and tuned. More cores move both limits up in proportion.
+# neighbour's recall measured and tuned. More cores move both limits up in proportion (measure them with
+# benchmarks/exact_pixel.py).
 PIXEL_SCAN_MAX = 1 << 31
 PIXEL_BUILD_MAX = 1.2e14
 

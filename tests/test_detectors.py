@@ -321,7 +321,8 @@ def test_registered_detectors_run_on_the_spaces_they_need():
     feats = rng.normal(size=(N_TRAIN, 8))
     clip = SpaceEvidence("cosine", feats[[ASTRONAUT, COFFEE]], ids, np.broadcast_to(feats, (2, N_TRAIN, 8)).copy())
     # clip has no published copy threshold, and 5 training images are too few to calibrate one: set it here
-    outs = {o.name: o for o in run_detectors({"pixel": pixel, "clip": clip}, DetectorsConfig(copy_thresholds={"clip": 0.9}))}
+    cfg = DetectorsConfig(copy_thresholds={"clip": 0.9})
+    outs = {o.name: o for o in run_detectors({"pixel": pixel, "clip": clip}, cfg)}
     assert {"nn_ratio", "nn_ratio_dedup", "tiled_l2", "adaptive_l2", "clip_copy"} <= set(outs)
     assert outs["clip_copy"].threshold == 0.9 and outs["clip_copy"].threshold_source == "config"
     uncalibrated = {o.name: o for o in run_detectors({"clip": clip}, DetectorsConfig())}["clip_copy"]

@@ -48,6 +48,12 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class SscdOptions(EmbedderOptions):
+    """Options of the ``sscd`` embedder.
+
+    Args:
+        batch_size: images per forward pass (images of one size after resizing are batched together).
+    """
+
     weights: Optional[str] = _f(None, "path to an SSCD TorchScript file, e.g. sscd_disc_mixup.torchscript.pt "
                                 "(facebookresearch/sscd-copy-detection; CC-BY-NC 4.0, brought by the user)")
     preprocess: Literal["small_288", "skew_320"] = _f("small_288", "SSCD's README: resize the small edge to 288 "
