@@ -13,7 +13,7 @@ from .config import load_config
 from .data import open_image, read_images
 from .errors import DataError
 from .index import ReferenceIndex
-from .metrics import rate_block
+from .metrics import not_applicable_block, rate_block
 from .tracker import embedders_for, thresholds_block
 from .detectors import run_detectors  # noqa: F401  (re-exported for API users)
 
@@ -40,20 +40,36 @@ def check_folder(images_dir: str | Path, index_dir: str | Path, config: str | Pa
         outputs = tracker.assess([open_image(p, cfg.data.max_image_pixels) for p in batch])
         outputs_all.extend(outputs)
         for j, p in enumerate(batch):
-            entry = {"file": p.relative_to(folder).as_posix(), "flags": {}, "scores": {}, "matches": []}
-            for o in outputs:
-                entry["flags"][o.name] = bool(o.flagged[j])
-                entry["scores"][o.name] = float(o.score[j])
-                for key, arr in o.extra.items():
-                    v = np.asarray(arr)[j]
-                    entry["scores"][f"{o.name}.{key}"] = v if v is None or isinstance(v, str) else float(v)
-                row = int(o.match[j])
-                if row >= 0:
-                    entry["matches"].append({"detector": o.name, "train_id": ref.records[row].id,
-                                             "score": float(o.score[j]), "flagged": bool(o.flagged[j])})
-            results.append(entry)
+            results.append(_image_entry(p.relative_to(folder).as_posix(), j, outputs, ref))
         for o in outputs:
-            flags_by_name.setdefault(o.name, []).append(o.flagged)
-    rates = {name: rate_block(np.concatenate(chunks)) for name, chunks in flags_by_name.items()}
+            flags_by_name.setdefault(o.name, []).append(o)
+    rates = {name: _rates(chunks) for name, chunks in flags_by_name.items()}
     return {"images": results, "rates": rates, "thresholds": thresholds_block(outputs_all, cfg),
             "skipped": [s.to_dict() for s in skipped]}
+
+
+def _image_entry(name: str, j: int, outputs, ref) -> dict:
+    """One image's flags, scores and matches; detectors outside their regime are left out."""
+    entry = {"file": name, "flags": {}, "scores": {}, "matches": []}
+    for o in outputs:
+        if not o.applicable:
+            continue
+        judged = bool(o.judged_mask()[j])
+        entry["flags"][o.name] = bool(o.flagged[j]) and judged
+        entry["scores"][o.name] = float(o.score[j]) if judged else None
+        for key, arr in o.extra.items():
+            v = np.asarray(arr)[j]
+            entry["scores"][f"{o.name}.{key}"] = v if v is None or isinstance(v, str) else float(v)
+        row = int(o.match[j])
+        if row >= 0 and judged:
+            entry["matches"].append({"detector": o.name, "train_id": ref.records[row].id,
+                                     "score": float(o.score[j]), "flagged": bool(o.flagged[j])})
+    return entry
+
+
+def _rates(chunks) -> dict:
+    """The rate over every batch of one detector (not applicable when it was in no batch)."""
+    live = [o for o in chunks if o.applicable]
+    if not live:
+        return not_applicable_block(chunks[0].reason or "outside the detector's regime")
+    return rate_block(np.concatenate([o.flagged[o.judged_mask()] for o in live]))

@@ -243,6 +243,7 @@ def _index_info(ref) -> dict:
                            "views": int(s.info.get("views", 1)),
                            "fingerprint": s.fingerprint, "index": s.info.get("factory", s.info.get("index_type")),
                            "on_disk": bool(s.info.get("on_disk")), "recall_at_k": s.info.get("recall_at_k"),
+                           "recall_2nd": s.info.get("recall_2nd"), "choice_reason": s.info.get("choice_reason"),
                            "search_params": s.info.get("search_params", {})} for n, s in ref.spaces.items()},
             "baseline": {n: {k: v for k, v in b.items() if k != "values"}
                          for n, b in ref.manifest.get("baseline", {}).items()}}
@@ -262,6 +263,9 @@ def _print_index(info: dict) -> None:
         if sp.get("index") and sp["index"] not in ("Flat", "IndexFlatL2", "IndexFlatIP"):
             print(f"           index {sp['index']}{' (lists on disk)' if sp['on_disk'] else ''}  "
                   f"recall@k {sp['recall_at_k']}  {sp['search_params']}")
+        if sp.get("recall_2nd") is not None:
+            print(f"           2nd-nearest training image of generated-like queries found: {sp['recall_2nd']:.1%}"
+                  + (" (exact search)" if sp.get("index") in ("Flat", "IndexFlatL2") else ""))
     if info["skipped"]:
         print(f"  skipped {len(info['skipped'])} unreadable file(s):")
         for s in info["skipped"][:10]:

@@ -80,7 +80,9 @@ class IndexConfig:
     index_type: str = _f("auto", "faiss index: auto (exact Flat while the vectors take <= 256 MiB, then HNSW, "
                          "IVF-Flat, IVF+PQ with exact re-ranking, by size and memory budget; see docs/scale.md), "
                          "or force one of flat, hnsw, ivf_flat, ivf_pq")
-    baseline_k: int = _f(50, "neighbours used for the train->train baseline and the adaptive distance")
+    baseline_k: int = _f(50, "pixel space: nearest other training images kept per training image (train->train "
+                         "lists: adaptive_l2 needs detectors.adaptive_n - 1 of them; near-duplicates and the tiled "
+                         "baseline use them)")
     batch_size: int = _f(64, "images per embedding batch")
     memory_budget: Optional[Union[int, str]] = _f(None, "memory the faiss index may take, e.g. 16GB or 512MiB "
                                                   "(default: half the physical memory); larger IVF indexes keep "
@@ -121,7 +123,14 @@ class DetectorsConfig:
     nn_ratio: float = _f(1 / 3, "Gu et al. 2023: memorized if d1/d2 < this")
     tiled_l2: float = _f(0.15, "Carlini et al. 2023: near-copy if max tile RMS distance <= this")
     tiled_grid: int = _f(4, "tiles per side for tiled_l2")
-    copy: float = _f(0.5, "Somepalli et al. 2023: copy if cosine similarity >= this (feature spaces)")
+    copy: Optional[float] = _f(None, "copy if cosine similarity >= this, in every feature space (default: each "
+                               "descriptor's own -- SSCD's published 0.5, Somepalli et al. 2023; others calibrated "
+                               "on the training set, see copy_quantile)")
+    copy_thresholds: dict = _f(factory=dict, help="per-space copy thresholds, e.g. {sscd: 0.7} (Wen et al.) or "
+                               "{clip: 0.93}; override copy")
+    copy_quantile: float = _f(0.99, "a descriptor without a published copy threshold (CLIP) is calibrated: the "
+                              "threshold is this quantile of the training images' cosine similarity to their "
+                              "nearest other training image")
     adaptive_alpha: float = _f(0.5, "Carlini et al. 2023 adaptive distance alpha")
     adaptive_n: int = _f(50, "Carlini et al. 2023 adaptive distance: neighbours averaged")
     identity_far: float = _f(0.001, "target false-match rate for the calibrated identity threshold")
@@ -220,12 +229,14 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        real = [arg for arg in args if arg is not type(None)]
+        for arg in real:
             try:
                 return _coerce(arg, value, path)
-            except ConfigError:
+            except ConfigError as exc:
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if len(real) == 1 and real[0] in (int, float) and numeric:  # a number of the right kind, a bad
+                    raise exc from None                                    # value: "expected a finite number"
                 continue
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
@@ -334,6 +345,12 @@ def _validate(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.identity_far must be in (0, 1), got {obj.identity_far}")
         if obj.nn_ratio <= 0 or obj.tiled_l2 <= 0:
             raise ConfigError(f"{where}: nn_ratio and tiled_l2 thresholds must be > 0")
+        if not 0.0 < obj.copy_quantile < 1.0:
+            raise ConfigError(f"{where}.copy_quantile must be in (0, 1), got {obj.copy_quantile}")
+        for space, value in obj.copy_thresholds.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -1.0 <= value <= 1.0:
+                raise ConfigError(f"{where}.copy_thresholds.{space} must be a cosine similarity in [-1, 1], got "
+                                  f"{_show(value)}")
         if obj.adaptive_alpha <= 0:  # the adaptive distance divides by alpha
             raise ConfigError(f"{where}.adaptive_alpha must be > 0, got {obj.adaptive_alpha}")
     if isinstance(obj, DynamicsConfig):

@@ -14,50 +14,82 @@ def onset(steps: Sequence[int], ci_lows: Sequence[float | None], baseline_rate: 
     """The onset step of one metric.
 
     The onset is the first checkpoint whose 95% Wilson lower bound exceeds ``baseline_rate`` and stays
-    above it at each of the next ``persistence`` checkpoints. A rise at one of the last checkpoints, with
-    fewer than ``persistence`` checkpoints after it, is still reported (it has not fallen back yet) but
-    marked ``"confirmed": False``. A spike that falls back is not an onset.
+    above it at each of the next ``persistence`` checkpoints -- only such a *confirmed* onset is an onset
+    (``step``): it trips an ``onset != null`` gate and drives the recommended checkpoint. A rise at one of the
+    last checkpoints, with fewer than ``persistence`` checkpoints after it (all still above), is reported as
+    ``provisional`` and nothing else. A spike that falls back is neither.
 
     Returns:
-        ``{"step": int | None, "between": [previous step, onset step] | None, "confirmed": bool}``;
-        ``between`` brackets the onset by the checkpoint before it (``None`` when it is the first).
+        ``{"step": int | None, "between": [previous step, onset step] | None, "confirmed": bool,
+        "provisional": {"step", "between"} | None}``; ``between`` brackets the onset by the checkpoint
+        before it (``None`` when it is the first).
     """
     pairs = sorted(((int(s), lo) for s, lo in zip(steps, ci_lows)), key=lambda p: p[0])  # lo may be None
     above = [lo is not None and lo > baseline_rate for _, lo in pairs]
     for i, ok in enumerate(above):
-        if not ok:
-            continue
         following = above[i + 1:i + 1 + persistence]
-        if all(following):
-            step = pairs[i][0]
-            between = [pairs[i - 1][0], step] if i > 0 else None
-            return {"step": step, "between": between, "confirmed": len(following) == persistence}
-    return {"step": None, "between": None, "confirmed": False}
+        if not ok or not all(following):
+            continue
+        step = pairs[i][0]
+        between = [pairs[i - 1][0], step] if i > 0 else None
+        if len(following) == persistence:
+            return {"step": step, "between": between, "confirmed": True, "provisional": None}
+        return {"step": None, "between": None, "confirmed": False,
+                "provisional": {"step": step, "between": between}}
+    return {"step": None, "between": None, "confirmed": False, "provisional": None}
 
 
 def onsets(checkpoints: Sequence[dict], baseline_rate: float = 0.01, persistence: int = 2) -> dict:
-    """``onset`` for every rate metric found in summary-style checkpoint dicts."""
+    """``onset`` for every rate metric found in summary-style checkpoint dicts.
+
+    A metric that is not applicable (``{"applicable": false, "reason"}``, a detector outside its regime) at
+    the latest checkpoint that reports it gets ``{"step": None, ..., "applicable": False, "reason": ...}``:
+    it has no onset and never drives the recommended checkpoint. Checkpoints where a metric was not
+    applicable count as "not above" for it.
+    """
     names: list[str] = []
     for ck in checkpoints:
         for name, m in ck.get("metrics", {}).items():
-            if "ci_low" in m and name not in names:
+            if isinstance(m, dict) and ("ci_low" in m or m.get("applicable") is False) and name not in names:
                 names.append(name)
+    ordered = sorted(checkpoints, key=lambda c: c["step"])
     steps = [ck["step"] for ck in checkpoints]
-    return {name: onset(steps, [ck.get("metrics", {}).get(name, {}).get("ci_low") for ck in checkpoints],
-                        baseline_rate, persistence) for name in names}
+    out = {}
+    for name in names:
+        latest = next((c["metrics"][name] for c in reversed(ordered) if name in c.get("metrics", {})), {})
+        if latest.get("applicable") is False:
+            out[name] = {"step": None, "between": None, "confirmed": False, "provisional": None, "applicable": False,
+                         "reason": latest.get("reason") or "outside the detector's regime"}
+            continue
+        out[name] = onset(steps, [ck.get("metrics", {}).get(name, {}).get("ci_low") for ck in checkpoints],
+                          baseline_rate, persistence)
+    return out
+
+
+def _drives(o: dict) -> bool:
+    """Whether an onset block may drive the recommendation: a confirmed step, on an applicable metric."""
+    return (o.get("step") is not None and o.get("confirmed", True) is not False
+            and o.get("applicable", True) is not False)
 
 
 def last_clean_checkpoint(checkpoints: Sequence[dict], onset_blocks: dict) -> dict:
-    """The recommended checkpoint: the last one before the earliest onset of any metric."""
-    first = [o["step"] for o in onset_blocks.values() if o.get("step") is not None]
+    """The recommended checkpoint: the last one before the earliest *confirmed* onset of any applicable
+    metric. Provisional rises are named in the reason but do not move the recommendation."""
+    provisional = sorted(((o["provisional"]["step"], n) for n, o in onset_blocks.items()
+                          if o.get("applicable", True) is not False and (o.get("provisional") or {}).get("step")
+                          is not None))
+    onset_blocks = {n: o for n, o in onset_blocks.items() if _drives(o)}
+    first = [o["step"] for o in onset_blocks.values()]
     steps = sorted(ck["step"] for ck in checkpoints)
     if not steps:
         return {"step": None, "reason": "no checkpoints evaluated"}
     if not first:
-        return {"step": steps[-1], "reason": "no metric has an onset; the latest checkpoint is clean"}
+        note = "" if not provisional else (
+            f" ({provisional[0][1]} rose at step {provisional[0][0]}, not yet confirmed by later checkpoints)")
+        return {"step": steps[-1], "reason": "no metric has a confirmed onset; the latest checkpoint is clean" + note}
     earliest = min(first)
     before = [s for s in steps if s < earliest]
-    metric = min((o["step"], n) for n, o in onset_blocks.items() if o.get("step") is not None)[1]
+    metric = min((o["step"], n) for n, o in onset_blocks.items())[1]
     if not before:
         return {"step": None, "reason": f"{metric} rose at the first evaluated checkpoint ({earliest}); "
                                         "no evaluated checkpoint is clean"}
@@ -68,7 +100,7 @@ def last_clean_checkpoint(checkpoints: Sequence[dict], onset_blocks: dict) -> di
 
 #: Detectors whose flagged match names a reproduced training image, in the order :func:`match_table`
 #: prefers them when several flag one sample (the ``*_copy`` spaces come after, by name).
-REPRODUCTION_DETECTORS = ("nn_ratio", "tiled_l2")
+REPRODUCTION_DETECTORS = ("nn_ratio", "nn_ratio_dedup", "tiled_l2")
 
 
 def match_table(evaluations: Sequence[tuple[int, Sequence[dict]]], train_ids: Sequence[str] | None = None,
@@ -80,8 +112,9 @@ def match_table(evaluations: Sequence[tuple[int, Sequence[dict]]], train_ids: Se
             ``{"seed": int, "flags": {detector: bool}, "matches": {detector: training row}}``.
         train_ids: training ids by row (None: the row number, as a string, is the id).
         detectors: the detectors whose flagged match counts, most trusted first. Default: ``nn_ratio``,
-            ``tiled_l2``, then every ``*_copy`` space -- the detectors that say *which* image was reproduced
-            (the same set that :func:`memtrack.metrics.aggregate` counts as distinct reproduced images).
+            ``nn_ratio_dedup``, ``tiled_l2``, then every ``*_copy`` space -- the detectors that say *which*
+            image was reproduced (those registered with ``reproduction=True``, the set that
+            :func:`memtrack.metrics.aggregate` counts as distinct reproduced images).
 
     Returns:
         ``{"steps": [int], "seeds": [int], "matches": [[train_id | None per seed] per checkpoint]}`` -- one

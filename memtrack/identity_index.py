@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from .config import Config
-from .detectors import DetectorOutput, SpaceEvidence, register_detector
+from .detector_registry import Provenance, register_detector
+from .detectors import DetectorOutput, SpaceEvidence
 from .identity import calibrate_threshold, identity_candidates, identity_groups, identity_interpolation, identity_leak
 from .utils import get_logger
 
@@ -133,7 +134,34 @@ def _interpolation(space: str, ev: SpaceEvidence, cfg) -> DetectorOutput:
     return _finish(out, ev, pair=True)
 
 
+LEAK_CITE = ("verification threshold of the face model (dlib: 0.6) or calibrated at the target false-match rate; "
+             "Tinsley et al. 2021, Otroshi Shahreza & Marcel 2024")
+INTERP_CITE = ("both identities verified (MMPMR, Scherhag et al. 2017) and d1/d2 > r (Gu et al. 2023's ratio over "
+               "identities); r is memtrack's choice")
+
+
+def _leak_source(space: str, cfg, out: DetectorOutput):
+    """identity_leak's threshold is the verification threshold: config > calibrated > published."""
+    return None if not out.applicable else (out.threshold_source, "")
+
+
+def _interp_detail(space: str, cfg, out: DetectorOutput):
+    if not out.applicable:
+        return None
+    src = out.extra.get("verification_threshold_source")
+    verify = f"; the verification threshold is {src[0]}" if src is not None and len(src) else ""
+    if abs(cfg.identity_ratio - 0.6) > 1e-12:
+        return "config", f"set in the config: detectors.identity_ratio = {cfg.identity_ratio!r}{verify}"
+    return "memtrack", ("0.6 sits between copies (<= 0.38 on the identity ratio) and balanced morphs (>= 0.74) "
+                        "measured with dlib" + verify)
+
+
 register_detector("identity_leak", "face", _leak,
-                  "a generated face within the verification threshold of a training identity it clearly belongs to")
+                  "a generated face within the verification threshold of a training identity it clearly belongs to",
+                  citation=LEAK_CITE, provenance=Provenance("published", (), LEAK_CITE, resolve=_leak_source),
+                  regime="generated faces found by the face detector; calibration needs >= 10 labelled identities")
 register_detector("identity_interpolation", "face", _interpolation,
-                  "a generated face accepted as two training identities, dominated by neither (d1/d2 > r)")
+                  "a generated face accepted as two training identities, dominated by neither (d1/d2 > r)",
+                  citation=INTERP_CITE,
+                  provenance=Provenance("memtrack", ("identity_ratio",), INTERP_CITE, resolve=_interp_detail),
+                  regime="generated faces found by the face detector, two or more training identities")

@@ -27,6 +27,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -70,12 +71,26 @@ class Space:
     info: dict = field(default_factory=dict)
 
     def vectors_at(self, ids: np.ndarray) -> np.ndarray:
-        """Embedding values (float32) of vector ids ``[...]`` -> ``[..., dim]``; -1 ids give zeros."""
+        """Embedding values (float32) of vector ids ``[...]`` -> ``[..., dim]``.
+
+        A ``-1`` id ("no candidate") gives NaN, never a vector: a zero vector would enter a pixel detector
+        as a black image. Detectors ignore those slots by their row (-1).
+        """
         ids = np.asarray(ids)
         flat = ids.reshape(-1)
         got = np.asarray(self.vectors[np.where(flat >= 0, flat, 0)]).astype(np.float32) / np.float32(self.divisor)
-        got[flat < 0] = 0
+        got[flat < 0] = np.nan
         return got.reshape(*ids.shape, self.dim).astype(np.float32)
+
+    @property
+    def views(self) -> int:
+        """The most vectors one training record has in this space (mirrored views, crops; default 1)."""
+        return max(1, int(self.info.get("views", 1)))
+
+    @functools.cached_property
+    def n_rows(self) -> int:
+        """Training records with at least one vector in this space."""
+        return int(len(np.unique(self.rows))) if len(self.rows) else 0
 
     def prepared(self, ids: np.ndarray) -> np.ndarray:
         """The vectors as the faiss index sees them (cosine spaces normalised)."""
@@ -160,6 +175,7 @@ class ReferenceIndex:
                 space = _write_space(tmp, emb, stored, rows, records, config)
                 spaces_meta[emb.name] = space["meta"]
                 baseline_meta[emb.name] = _baseline_meta(emb.name, emb.metric, space["baseline"])
+                baseline_meta.update(space["extra_baselines"])
                 identity_block = space["identity"] or identity_block
                 del stored
             skipped.extend(f.to_dict() for f in failed_all.values())
@@ -296,6 +312,14 @@ class ReferenceIndex:
                                   hint="rebuild the index") from None
         return cache[(space, key)]
 
+    def train_neighbours(self, space: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every record's ``index.baseline_k`` nearest other records and their RMS distances (pixel space),
+        ``[n_train, k]`` each (-1 / inf where none); None when the index has no lists."""
+        try:
+            return self.space_array(space, "neighbours"), self.space_array(space, "neighbour_dist")
+        except IndexError_:
+            return None
+
     def baseline_values(self, space: str) -> np.ndarray:
         return np.load(self.path / f"{space}.baseline.npy")
 
@@ -304,9 +328,12 @@ class ReferenceIndex:
         return {"path": str(self.path), "n_train": self.n_train, "content_hash": self.content_hash,
                 "n_skipped": len(self.manifest.get("skipped", [])),
                 "spaces": {n: {**s.fingerprint, "index_type": s.info.get("index_type"),
-                               "n_vectors": s.info.get("n_vectors"), "views": int(s.info.get("views", 1)),
-                               "recall_at_k": s.info.get("recall_at_k"),
-                               "search_params": s.info.get("search_params", {})}
+                               "n_vectors": s.info.get("n_vectors"), "recall_at_k": s.info.get("recall_at_k"),
+                               "search_params": s.info.get("search_params", {}),
+                               **({"recall_2nd": s.info["recall_2nd"],
+                                   "recall_2nd_measured": s.info.get("recall_2nd_measured")}
+                                  if "recall_2nd" in s.info else {}),
+                               "index_kind": s.info.get("index_kind"), "views": s.views}
                            for n, s in self.spaces.items()}}
 
     # -------------------------------------------------------------------------------------- add

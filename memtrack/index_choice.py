@@ -6,6 +6,11 @@ re-check candidates exactly, and indexes must be memory-mappable and mergeable s
 
 1. **Flat** (exact) while the float32 vectors take at most ``FLAT_MAX_BYTES`` (256 MiB: ~131k CLIP
    vectors, ~21k 32x32 pixel vectors) and fit the budget -- a query then costs a few ms on two cores.
+   The **pixel space** stays exact much longer (``exact=True``): nn_ratio divides by the distance to the
+   2nd nearest training image, and an approximate search that misses it makes d1/d2 smaller -- a false
+   "memorized". It is Flat while a scan's 64 queries cost at most ``PIXEL_SCAN_MAX`` (n x dim) and the
+   build's train->train search at most ``PIXEL_BUILD_MAX`` (n^2 x dim), and the float32 vectors fit the
+   budget: CIFAR-10 (50k x 3072) and FFHQ at 64 px (70k x 12288) are searched exactly (docs/scale.md).
 2. **HNSW32** below ``HNSW_MAX`` vectors when it fits the budget (autofaiss: HNSW whenever it fits; we stop
    at 250k because its build is ~4k vectors/s on two cores and it cannot be memory-mapped or merged on disk).
 3. **IVF{4*sqrt(n), power of two},Flat** below ``IVF_FLAT_MAX`` (1M, autofaiss's threshold) when it fits.
@@ -19,8 +24,12 @@ re-check candidates exactly, and indexes must be memory-mappable and mergeable s
 
 Search parameters (``nprobe``, ``efSearch``) are tuned by binary search to a recall target; recall@k is
 measured leave-one-out on held-out training vectors (each query's own vector is ignored, so a query behaves
-as if it were not in the index) against exact search, and stored in the manifest. A target that cannot be
-met is a warning, never a silent collapse.
+as if it were not in the index) against exact search, and stored in the manifest. Where the pixel space is
+approximate, the tuning must also reach the target on the recall that nn_ratio depends on: the **2nd
+nearest training image** of generated-like queries (near-copies at three noise levels, blends of two
+training images, fresh mixtures -- never training vectors themselves, which find themselves), re-ranking
+more candidates exactly (``rerank``) until it does (:class:`SecondNeighbour`). A target that cannot be met
+is a warning, never a silent collapse.
 
 Example:
     >>> choice = choose_index(n=2_000_000, dim=512, memory_budget=1 << 30)
@@ -52,6 +61,15 @@ ID_BYTES = 8  # an inverted list stores one int64 id per vector
 # near-copy queries at 1M vectors / 4096 lists (measured), so its efSearch follows nprobe (autofaiss: 2x)
 HNSW_QUANTIZER_MIN = 16384
 QUANTIZER_EF_MIN = 128
+# Exact pixel search, measured on the 2-core development machine (load ~1.3; faiss IndexFlatL2, 2 threads):
+# 64 queries over 20k x 3072 took 0.23 s (34 GFLOP/s), 512 queries 0.92 s (68 GFLOP/s). So a scan's 64
+# queries cost ~n*dim / 2.7e8 s: 2^31 elements (700k 32-px images) take ~8 s per checkpoint. The build's
+# train->train search (every training image a query) costs ~n^2*dim / 3.4e10 s: 1.2e14 takes ~1 h, so it
+# binds first (~200k 32-px images, 100k at 64 px, 50k at 128 px). Beyond either, HNSW/IVF with the 2nd
+# neighbour's recall measured and tuned. More cores move both limits up in proportion (measure them with
+# benchmarks/exact_pixel.py).
+PIXEL_SCAN_MAX = 1 << 31
+PIXEL_BUILD_MAX = 1.2e14
 
 
 def faiss_module():
@@ -141,20 +159,34 @@ def _factory(kind: str, dim: int, n: int, nlist: int, budget: int) -> tuple[str,
     return f"{coarse},PQ{m}x4fs", est, 8
 
 
+def exact_affordable(n: int, dim: int, budget: int) -> Optional[str]:
+    """Why exact (Flat) search of a pixel space is affordable, or None (limits in the module docstring)."""
+    if n * dim * 4 > budget:
+        return None
+    if n * dim > PIXEL_SCAN_MAX or float(n) * n * dim > PIXEL_BUILD_MAX:
+        return None
+    return (f"pixel space, {n:,} x {dim}: exact search is affordable (scan <= {PIXEL_SCAN_MAX:.2g} n*dim, "
+            f"train->train <= {PIXEL_BUILD_MAX:.2g} n^2*dim), so nn_ratio's 2nd neighbour is never missed")
+
+
 def choose_index(n: int, dim: int, memory_budget: Optional[int] = None, index_type: str = "auto",
-                 on_disk: Optional[bool] = None) -> IndexChoice:
+                 on_disk: Optional[bool] = None, exact: bool = False) -> IndexChoice:
     """The index for ``n`` vectors of ``dim`` under ``memory_budget`` bytes (see the module docstring).
 
     Args:
         index_type: ``auto`` applies the rules; ``flat``/``hnsw``/``ivf_flat``/``ivf_pq`` force a family.
         on_disk: inverted lists on disk (None: when the IVF index would exceed the budget).
+        exact: the space's detectors need the exact 2nd neighbour (the pixel space): Flat while affordable.
     """
     if index_type not in INDEX_TYPES:
         raise IndexError_(f"unknown index_type {index_type!r}", hint=f"use one of {', '.join(INDEX_TYPES)}")
     budget = memory_budget or default_memory_budget()
     nlist = n_lists(n)
+    exact_reason = exact_affordable(n, dim, budget) if exact and index_type == "auto" else None
     if index_type != "auto":
         kind, reason = index_type, "index_type set in the config"
+    elif exact_reason:
+        kind, reason = "flat", exact_reason
     elif n * dim * 4 <= min(FLAT_MAX_BYTES, budget):
         kind, reason = "flat", f"{n:,} vectors x {dim} fit in {FLAT_MAX_BYTES >> 20} MiB: exact search is cheap"
     elif n < HNSW_MAX and _factory("hnsw", dim, n, nlist, budget)[1] <= budget:
@@ -236,6 +268,7 @@ class RecallResult:
     met: bool = True
     tuned: bool = False
     rerank: int = 1
+    recall_2nd: Optional[float] = None   # 2nd nearest training image of generated-like queries (pixel)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -244,7 +277,7 @@ class RecallResult:
 def _exact_others(fetch: Callable, n: int, qids: np.ndarray, k: int, metric: str, chunk: int = 65536):
     """Exact scores of each query's top-k *other* vectors (higher is better), streaming the database."""
     queries = fetch(qids)
-    best = np.full((len(qids), k), -np.inf, np.float32)
+    best = np.full((len(qids), k), -np.inf)
     for start in range(0, n, chunk):
         block = fetch(np.arange(start, min(n, start + chunk)))
         s = _scores(queries, block, metric)
@@ -258,7 +291,9 @@ def _exact_others(fetch: Callable, n: int, qids: np.ndarray, k: int, metric: str
 
 
 def _scores(q: np.ndarray, x: np.ndarray, metric: str) -> np.ndarray:
-    """Higher-is-better scores: inner product, or minus squared L2."""
+    """Higher-is-better scores: inner product, or minus squared L2 -- in float64, because the float32
+    expansion loses ~1e-4 to cancellation, enough to call a tied (duplicate) neighbour a miss."""
+    q, x = np.asarray(q, np.float64), np.asarray(x, np.float64)
     if metric == "cosine":
         return q @ x.T
     return -((q * q).sum(1)[:, None] - 2 * q @ x.T + (x * x).sum(1)[None])
@@ -291,12 +326,15 @@ def held_out(n: int, n_queries: int, seed: int = 1) -> np.ndarray:
 
 
 def tune(index, kind: str, search_with: Callable, fetch: Callable, n: int, metric: str, k: int,
-         target: float, n_queries: int = 1000, rerank_options: tuple = (1,)) -> RecallResult:
+         target: float, n_queries: int = 1000, rerank_options: tuple = (1,),
+         second: Optional[Callable] = None) -> RecallResult:
     """Smallest search parameter (nprobe / efSearch) whose leave-one-out recall@k reaches ``target``.
 
-    ``search_with(queries, k, rerank) -> ids`` searches ``index`` as it is set now. When even the largest
-    parameter misses the target, the next ``rerank`` option is tried; then the best reachable setting is
-    kept and a warning names the recall reached.
+    ``search_with(queries, k, rerank) -> ids`` searches ``index`` as it is set now. With ``second``
+    (``second(search) -> recall``, e.g. a :class:`memtrack.index_recall.SecondNeighbour`), the recall of
+    the 2nd nearest training image must reach ``target`` too. When even the largest parameter misses the
+    target, the next ``rerank`` option is tried; then the best reachable setting is kept and a warning names
+    the recall reached.
     """
     qids = held_out(n, n_queries)
     kk = max(1, min(k, n - 1))
@@ -308,34 +346,43 @@ def tune(index, kind: str, search_with: Callable, fetch: Callable, n: int, metri
         extra = {"quantizer_efSearch": max(2 * value, QUANTIZER_EF_MIN)} if hnsw_q and name == "nprobe" else {}
         return {name: value, **extra}
 
-    def recall(value: Optional[int], rerank: int) -> tuple[float, float]:
+    def recall(value: Optional[int], rerank: int) -> tuple:
         if name:
             set_search_params(index, params(value))
-        return measure_recall(lambda q, kq: search_with(q, kq, rerank), fetch, n, metric, kk, qids, exact)
+        r = measure_recall(lambda q, kq: search_with(q, kq, rerank), fetch, n, metric, kk, qids, exact)
+        r2 = second(lambda q, kq: search_with(q, kq, rerank)) if second is not None else None
+        return r[0], r[1], r2
+
+    def ok(r: tuple) -> bool:
+        return r[0] >= target and (r[2] is None or r[2] >= target)
+
+    def result(r: tuple, prm: dict, met: bool, tuned: bool, rerank: int) -> RecallResult:
+        return RecallResult(r[0], r[1], kk, len(qids), prm, target, met, tuned, rerank, r[2])
 
     if not name:
         r = recall(None, 1)
-        return RecallResult(r[0], r[1], kk, len(qids), {}, target, r[0] >= target)
+        return result(r, {}, ok(r), False, 1)
     for rerank in rerank_options:
         top = recall(values[-1], rerank)
-        if top[0] >= target:
+        if ok(top):
             break
-    if top[0] < target:
+    if not ok(top):
         set_search_params(index, params(values[-1]))
-        logger.warning("recall target %.2f not reached: recall@%d is %.3f with %s=%d (the largest tried); "
-                       "detectors will miss some true neighbours -- use index_type flat, or a larger "
-                       "memory budget", target, kk, top[0], name, values[-1])
-        return RecallResult(top[0], top[1], kk, len(qids), params(values[-1]), target, False, True, rerank)
+        logger.warning("recall target %.2f not reached: recall@%d is %.3f%s with %s=%d and rerank %d (the largest "
+                       "tried); detectors will miss some true neighbours -- use index_type flat, or a larger "
+                       "memory budget", target, kk, top[0],
+                       "" if top[2] is None else f", 2nd-neighbour recall {top[2]:.3f}", name, values[-1], rerank)
+        return result(top, params(values[-1]), False, True, rerank)
     lo, hi, best = 0, len(values) - 1, top
     while lo < hi:  # smallest value meeting the target (recall grows with the parameter)
         mid = (lo + hi) // 2
         r = recall(values[mid], rerank)
-        if r[0] >= target:
+        if ok(r):
             hi, best = mid, r
         else:
             lo = mid + 1
     set_search_params(index, params(values[hi]))
-    return RecallResult(best[0], best[1], kk, len(qids), params(values[hi]), target, True, True, rerank)
+    return result(best, params(values[hi]), True, True, rerank)
 
 
 def _has_hnsw_quantizer(index) -> bool:

@@ -41,16 +41,18 @@ class Built:
                 "est_bytes": c.est_bytes, "memory_budget": self.budget, "nlist": c.nlist}
 
 
-def build_faiss(folder: Path, name: str, metric: str, dim: int, stored, prepare: Callable, icfg) -> Built:
+def build_faiss(folder: Path, name: str, metric: str, dim: int, stored, prepare: Callable, icfg,
+                exact: bool = False) -> Built:
     """Choose, train (on a sample) and fill the index of one space; ``stored`` may be memory-mapped.
 
+    ``exact``: the space needs its exact 2nd neighbours (pixel): Flat while affordable (index_choice).
     IVF indexes also leave ``<name>.trained.faiss`` (the empty trained index) in ``folder``; on-disk ones
     their inverted lists in ``<name>.ivfdata``.
     """
     faiss = faiss_module()
     n = len(stored)
     budget = parse_bytes(icfg.memory_budget) or default_memory_budget()
-    choice = choose_index(n, dim, budget, icfg.index_type, icfg.on_disk)
+    choice = choose_index(n, dim, budget, icfg.index_type, icfg.on_disk, exact=exact)
     index = make_index(choice, metric, dim)
     if not index.is_trained:
         # 1. train the quantizer on a sample (rows read in order from a memory-mapped file)
@@ -131,32 +133,47 @@ def read_faiss(path: Path, meta: dict, mmap: bool = True):
     return index
 
 
-def tune_built(built: Built, metric: str, fetch: Callable, n: int, icfg) -> RecallResult:
-    """Tune the search parameters of ``built`` to ``icfg.recall_target`` (exact indexes: recall 1)."""
+def _rerank_options(kind: str, rr: int, second) -> tuple:
+    """Candidates re-ranked per requested one: PQ codes always; pixel spaces until the 2nd neighbour is found."""
+    if kind == "ivf_pq":
+        return (rr, rr * 4, rr * 8) if second is not None else (rr, rr * 4)
+    return (1, 2, 4, 8, 16) if second is not None else (1,)
+
+
+def _exact_result(icfg, second) -> RecallResult:
+    return RecallResult(1.0, 1.0, icfg.k, 0, {}, icfg.recall_target, True, False, 1,
+                        1.0 if second is not None else None)
+
+
+def tune_built(built: Built, metric: str, fetch: Callable, n: int, icfg, second=None) -> RecallResult:
+    """Tune the search parameters of ``built`` to ``icfg.recall_target`` (exact indexes: recall 1).
+
+    ``second``: a :class:`memtrack.index_recall.SecondNeighbour` whose recall must reach the target too.
+    """
     kind = built.choice.kind
     if kind == "flat" or n < 2:
-        return RecallResult(1.0, 1.0, icfg.k, 0, {}, icfg.recall_target, True, False, 1)
-    rr = built.choice.rerank
-    options = (rr, rr * 4) if kind == "ivf_pq" else (1,)
+        return _exact_result(icfg, second)
     return tune(built.index, kind, lambda q, k, r: search_reranked(built.index, fetch, metric, q, k, r)[1],
-                fetch, n, metric, icfg.k, icfg.recall_target, icfg.recall_queries, options)
+                fetch, n, metric, icfg.k, icfg.recall_target, icfg.recall_queries,
+                _rerank_options(kind, built.choice.rerank, second), second)
 
 
-def remeasure(index, kind: str, meta: dict, metric: str, fetch: Callable, n: int, icfg) -> RecallResult:
+def remeasure(index, kind: str, meta: dict, metric: str, fetch: Callable, n: int, icfg, second=None) -> RecallResult:
     """Recall of an existing index as it is set now; re-tuned only when it fell below the target."""
     if kind == "flat" or n < 2:
-        return RecallResult(1.0, 1.0, icfg.k, 0, {}, icfg.recall_target, True, False, 1)
+        return _exact_result(icfg, second)
     rr = int(meta.get("rerank", 1))
     kk = max(1, min(icfg.k, n - 1))
     qids = held_out(n, icfg.recall_queries)
-    r = measure_recall(lambda q, k: search_reranked(index, fetch, metric, q, k, rr)[1], fetch, n, metric, kk, qids)
-    if r[0] >= icfg.recall_target:
+    search = lambda q, k: search_reranked(index, fetch, metric, q, k, rr)[1]  # noqa: E731
+    r = measure_recall(search, fetch, n, metric, kk, qids)
+    r2 = second(search) if second is not None else None
+    if r[0] >= icfg.recall_target and (r2 is None or r2 >= icfg.recall_target):
         return RecallResult(r[0], r[1], kk, len(qids), dict(meta.get("search_params") or {}), icfg.recall_target,
-                            True, False, rr)
+                            True, False, rr, r2)
     logger.info("recall@%d fell to %.3f after the update; re-tuning", kk, r[0])
-    options = (rr, rr * 4) if kind == "ivf_pq" else (1,)
     return tune(index, kind, lambda q, k, r_: search_reranked(index, fetch, metric, q, k, r_)[1], fetch, n, metric,
-                icfg.k, icfg.recall_target, icfg.recall_queries, options)
+                icfg.k, icfg.recall_target, icfg.recall_queries, _rerank_options(kind, rr, second), second)
 
 
 # --------------------------------------------------------------------------------------- GPU (optional)

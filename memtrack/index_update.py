@@ -20,6 +20,7 @@ import numpy as np
 
 from . import index_choice as ic
 from . import index_faiss as fx
+from . import index_neighbours as nb
 from . import index_space as spaces
 from .config import Config, from_dict
 from .data import Dataset, Record
@@ -50,9 +51,10 @@ def add_to_index(ref, data: Dataset | Sequence[Record], embedders: Sequence, con
         manifest["spaces"], manifest["baseline"] = dict(manifest["spaces"]), dict(manifest.get("baseline", {}))
         failed_all = {}
         for emb in embedders:
-            meta, base, failed, identity = _add_space(ref, emb, new, records, config, tmp)
+            meta, base, failed, identity, extra = _add_space(ref, emb, new, records, config, tmp)
             manifest["spaces"][emb.name] = meta
             manifest["baseline"][emb.name] = spaces._baseline_meta(emb.name, emb.metric, base)
+            manifest["baseline"].update(extra)
             if identity is not None:
                 manifest["identity"] = identity
             failed_all.update({f.path: f for f in failed})
@@ -112,7 +114,7 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     # 1. embed the new images (rows continue after the old records)
     vec, rows, failed = spaces._embedded_in_memory(emb, new, config)
     rows = np.asarray(rows, np.int64) + n_old_records
-    if hasattr(emb, "embed_faces"):
+    if emb.identities:
         from .identity_index import select_faces
 
         keep = select_faces(records, rows, emb)
@@ -131,14 +133,27 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     fetch = lambda ids: prepare(stored[np.asarray(ids)])  # noqa: E731
     # 3. the faiss index, extended
     index = _extend_faiss(ref.path, tmp, emb.name, sp.info, stored, m_old, prepare)
-    # 4. recall, re-tuned only if the update pushed it below the target
-    recall = fx.remeasure(index, sp.info.get("index_kind", "flat"), sp.info, sp.metric, fetch, len(stored),
-                          config.index)
+    # 4. recall (and the pixel space's 2nd-neighbour recall), re-tuned only if the update pushed it below
+    #    the target
+    kind = sp.info.get("index_kind", "flat")
+    views = 1 if emb.identities else spaces.views_of(all_rows)
+    second = None if kind == "flat" else spaces.second_neighbour_check(emb, fetch, all_rows, config.index, views)
+    recall = fx.remeasure(index, kind, sp.info, sp.metric, fetch, len(stored), config.index, second)
+    if spaces.is_pixel_space(emb) and recall.recall_2nd is None:
+        recall.recall_2nd = 1.0
     searcher = spaces._Searcher(index, sp.metric, fetch, recall.rerank)
-    # 5. baseline: new vectors against all; old vectors against the new ones (the nearest other may be new)
-    base = _updated_baseline(ref, emb, sp, stored, m_old, searcher)
+    # 5. baseline (and the pixel space's neighbour lists): new vectors against all; old vectors against the
+    #    new ones (the nearest other may be new)
+    base, lists = _updated_baseline(ref, emb, sp, stored, m_old, searcher, all_rows, len(records), config)
+    extra_baselines = {}
+    if lists is not None:
+        tiled = spaces.tiled_spec(emb, config, _tiled_grid(ref, emb.name))
+        spaces.save_lists(tmp, emb.name, lists[0], lists[1], lists[2] if tiled else None)
+        if tiled:
+            keep = lists[0].shape[1]
+            extra_baselines[emb.name + spaces.TILED_SUFFIX] = spaces.tiled_baseline_meta(tiled, keep, lists[2])
     identity = None
-    if hasattr(emb, "embed_faces"):
+    if emb.identities:
         from .identity_index import build_identity
 
         arrays, identity = build_identity(records, np.asarray(stored), all_rows, emb, config)
@@ -148,9 +163,12 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     np.save(tmp / f"{emb.name}.baseline.npy", base)
     ic.faiss_module().write_index(index, str(tmp / f"{emb.name}.faiss"))
     _note_if_outgrown(emb.name, sp.info, len(stored), config)
-    meta = {**sp.info, "n_vectors": int(len(stored)), "views": max(int(sp.info.get("views", 1)), spaces.max_views(rows)),
-            **spaces._recall_meta(recall)}
-    return meta, base, failed, identity
+    meta = {**sp.info, "n_vectors": int(len(stored)), **spaces._recall_meta(recall, second),
+            "views": max(int(sp.info.get("views", 1)), spaces.views_of(all_rows))}
+    if lists is not None:
+        meta["train_neighbours"] = {"k": int(lists[0].shape[1]),
+                                    "statistic": "RMS pixel distance, minimum over both images' views"}
+    return meta, base, failed, identity, extra_baselines
 
 
 def _extend_faiss(old_dir: Path, tmp: Path, name: str, info: dict, stored, m_old: int, prepare):
@@ -171,35 +189,74 @@ def _extend_faiss(old_dir: Path, tmp: Path, name: str, info: dict, stored, m_old
     return index
 
 
-def _updated_baseline(ref, emb, sp, stored, m_old: int, searcher) -> np.ndarray:
-    rms = emb.name == "pixel"
-    m = len(stored)
+def _updated_baseline(ref, emb, sp, stored, m_old: int, searcher, all_rows: np.ndarray, n_records: int,
+                      config: Config):
+    """The train->train statistics after the add: new vectors against all; old vectors against the new ones
+    (the nearest other record may be new) -- exact, never a rebuild. Returns ``(baseline per vector,
+    (neighbour rows, distances, tiled baseline) per record or None)``."""
+    pixel = spaces.is_pixel_space(emb)
+    keep = int((sp.info.get("train_neighbours") or {}).get("k", config.index.baseline_k)) if pixel else 1
+    tiled = spaces.tiled_spec(emb, config, _tiled_grid(ref, emb.name))
+    rms, m, views = pixel, len(stored), spaces.views_of(all_rows)
     old_base = np.asarray(ref.baseline_values(emb.name), np.float64)
+    old_lists = _old_lists(ref, emb.name, n_records, keep) if pixel else None
     if m - m_old == 0:
-        return old_base
-    search_all = spaces._candidates_of(stored, sp.divisor, searcher.search)
-    new_base = spaces._nearest_other(sp.metric, stored, sp.divisor, np.arange(m_old, m), search_all, min(2, m), rms)
-    if m_old == 0:
-        return new_base
+        return old_base, old_lists
+    fetch_all = nb.raw_fetch(stored, sp.divisor)
+    search_all = lambda q, k: searcher.search(q, min(k, m))[1]  # noqa: E731
+    if m_old == 0 or (pixel and old_lists is None):  # nothing old, or an index from before the lists
+        tn = nb.compute(sp.metric, stored, sp.divisor, all_rows, np.arange(m), search_all, fetch_all, all_rows,
+                        keep, views, rms, pixel, tiled)
+        return tn.base, (spaces.full_lists(tn, n_records, keep) if pixel else None)
+    new = nb.compute(sp.metric, stored, sp.divisor, all_rows, np.arange(m_old, m), search_all, fetch_all,
+                     all_rows, keep, views, rms, pixel, tiled)
     # exact: every old vector against every new one (cost m_old x m_new x dim)
     faiss = ic.faiss_module()
     flat = faiss.IndexFlatIP(sp.dim) if sp.metric == "cosine" else faiss.IndexFlatL2(sp.dim)
     new_stored = stored[m_old:]
     flat.add(spaces._prepare(sp.metric, new_stored, sp.divisor))
-
-    def search_new(q, k):
-        _, ids = flat.search(q, k)
-        vals = np.asarray(new_stored[np.where(ids >= 0, ids, 0).reshape(-1)], np.float64)
-        return ids, vals.reshape(*ids.shape, -1) / sp.divisor
-
-    via_new = spaces._nearest_other(sp.metric, stored, sp.divisor, np.arange(m_old), search_new, 1, rms,
-                                exclude_self=False)
+    via = nb.compute(sp.metric, stored, sp.divisor, all_rows, np.arange(m_old),
+                     lambda q, k: flat.search(q, min(k, m - m_old))[1], nb.raw_fetch(new_stored, sp.divisor),
+                     all_rows[m_old:], keep, views, rms, pixel, tiled)
     combine = np.fmax if sp.metric == "cosine" else np.fmin
-    return np.concatenate([combine(old_base, via_new), new_base])
+    base = np.concatenate([combine(old_base, via.base), new.base])
+    if not pixel:
+        return base, None
+    rows, dist, tiled_base = old_lists
+    for tn in (via, new):
+        r, d, t = spaces.full_lists(tn, n_records, keep)
+        have = tn.records
+        rows[have], dist[have] = nb.merge(rows[have], dist[have], r[have], d[have])
+        tiled_base[have] = np.fmin(tiled_base[have], t[have])
+    return base, (rows, dist, tiled_base)
+
+
+def _tiled_grid(ref, name: str) -> int | None:
+    """The tile grid the index's tiled baseline was computed with (None: the config's)."""
+    return (ref.manifest.get("baseline", {}).get(name + spaces.TILED_SUFFIX) or {}).get("grid")
+
+
+def _old_lists(ref, name: str, n_records: int, keep: int):
+    """The index's per-record lists, padded to ``n_records`` (None when it was built without them)."""
+    try:
+        rows, dist = ref.space_array(name, "neighbours"), ref.space_array(name, "neighbour_dist")
+    except IndexError_:
+        return None
+    try:
+        tiled = np.load(ref.path / f"{name}{spaces.TILED_SUFFIX}.baseline.npy")
+    except OSError:
+        tiled = np.full(len(rows), np.nan, np.float32)
+    out_r = np.full((n_records, keep), -1, np.int64)
+    out_d = np.full((n_records, keep), np.inf)
+    out_t = np.full(n_records, np.nan)
+    w = min(keep, rows.shape[1])
+    out_r[:len(rows), :w], out_d[:len(rows), :w], out_t[:len(rows)] = rows[:, :w], dist[:, :w], tiled
+    return out_r, out_d, out_t
 
 
 def _note_if_outgrown(name: str, info: dict, n: int, config: Config) -> None:
-    choice = ic.choose_index(n, int(info["dim"]), ic.parse_bytes(config.index.memory_budget), config.index.index_type)
+    choice = ic.choose_index(n, int(info["dim"]), ic.parse_bytes(config.index.memory_budget), config.index.index_type,
+                             exact=info.get("dtype") == "uint8")
     if choice.kind != info.get("index_kind", "flat"):
         logger.warning("space %s now holds %s vectors: a fresh build would choose %s instead of %s "
                        "(rebuild with --overwrite when convenient)", name, f"{n:,}", choice.factory,

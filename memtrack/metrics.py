@@ -1,6 +1,9 @@
 """Per-checkpoint aggregation: rates with Wilson intervals, score distributions, distinct matches.
 
-Pure functions: detector outputs in, plain dicts out (the ``metrics`` block of ``summary.json``).
+Pure functions: detector outputs in, plain dicts out (the ``metrics`` block of ``summary.json``). A rate
+counts only the samples that got a verdict (``n``); the others are listed under ``not_judged`` with the
+reason. A detector outside its regime becomes ``{"applicable": false, "reason": ...}``: no rate, no
+interval, no matches -- nothing downstream can mistake it for a clean 0%.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .detector_registry import is_reproduction
 from .detectors import DetectorOutput, summarise
 
 
@@ -43,49 +47,78 @@ def rate_block(flags: np.ndarray) -> dict:
     return {"rate": count / n if n else 0.0, "ci_low": low, "ci_high": high, "count": count, "n": n}
 
 
+def not_applicable_block(reason: str) -> dict:
+    """The metric block of a detector outside its regime."""
+    return {"applicable": False, "reason": reason}
+
+
+def metric_block(out: DetectorOutput) -> dict:
+    """One detector's block: rate over the judged samples, score statistics, distinct matches."""
+    if not out.applicable:
+        return not_applicable_block(out.reason or "outside the detector's regime")
+    judged = out.judged_mask()
+    if not judged.any():
+        reasons = "; ".join(f"{n} sample(s): {r}" for r, n in out.not_judged.items()) or "no sample was judged"
+        return not_applicable_block(f"no sample could be judged ({reasons})")
+    block = rate_block(out.flagged[judged])
+    stats = summarise(out.score[judged])
+    block.update({"mean": stats["mean"], "p50": stats["p50"], "p95": stats["p95"]})
+    hit = out.match[out.flagged & judged & (out.match >= 0)]
+    block["distinct"] = int(len(set(hit.tolist())))
+    if out.not_judged:
+        block["not_judged"] = {str(r): int(n) for r, n in out.not_judged.items()}
+    return block
+
+
 def aggregate(outputs: Sequence[DetectorOutput], train_ids: Sequence[str] | None = None,
               top: int = 8, seeds: Sequence[int] | None = None) -> dict:
     """Aggregate one checkpoint's detector outputs.
 
-    Returns ``{"metrics": {name: {rate, ci_low, ci_high, count, n, mean, p50, p95, distinct}},
-    "distinct_train_images": int, "top_matches": [...]}`` where ``distinct`` counts the training images
-    that at least one flagged sample reproduces, and ``top_matches`` lists the strongest flagged matches.
+    Returns ``{"metrics": {name: {rate, ci_low, ci_high, count, n, mean, p50, p95, distinct[, not_judged]}
+    | {applicable: false, reason}}, "distinct_train_images": int, "top_matches": [...]}`` where
+    ``distinct`` counts the training images that at least one flagged sample reproduces, and
+    ``top_matches`` lists the strongest flagged matches.
     """
     metrics: dict[str, dict] = {}
     reproduced: set[int] = set()
     matches = []
     for out in outputs:
-        block = rate_block(out.flagged)
-        stats = summarise(out.score)
-        block.update({"mean": stats["mean"], "p50": stats["p50"], "p95": stats["p95"]})
-        hit = out.match[out.flagged & (out.match >= 0)]
-        block["distinct"] = int(len(set(hit.tolist())))
-        _identity_counts(out, block)
+        block = metric_block(out)
         metrics[out.name] = block
-        if out.name in ("nn_ratio", "tiled_l2") or out.name.endswith("_copy"):
+        if "rate" not in block:
+            continue
+        hit = out.match[out.flagged & out.judged_mask() & (out.match >= 0)]
+        _identity_counts(out, block)
+        if is_reproduction(out.name):
             reproduced.update(hit.tolist())
-        for i in np.flatnonzero(out.flagged):
-            extra = {}
-            if "match_b" in out.extra:  # a blend of two identities: the second one's training image too
-                rb = int(out.extra["match_b"][i])
-                extra = {"train_row_b": rb, "train_id_b": train_ids[rb] if train_ids is not None and rb >= 0 else None,
-                         "identity_a": out.extra.get("identity_a_name", [None] * (i + 1))[i],
-                         "identity_b": out.extra.get("identity_b_name", [None] * (i + 1))[i]}
-            elif "identity_name" in out.extra:
-                extra = {"identity": out.extra["identity_name"][i]}
-            matches.append({**extra,
-                "seed": int(seeds[i]) if seeds is not None else int(i),
-                "sample": int(i),
-                "train_row": int(out.match[i]),
-                "train_id": train_ids[int(out.match[i])] if train_ids is not None and out.match[i] >= 0 else None,
-                "detector": out.name,
-                "score": float(out.score[i]),
-                "threshold": out.threshold,
-                "direction": out.direction,
-            })
+        matches.extend(_flagged_matches(out, train_ids, seeds))
     metrics["distinct_train_images"] = {"count": len(reproduced)}
     matches.sort(key=lambda m: _strength(m))
     return {"metrics": metrics, "distinct_train_images": len(reproduced), "top_matches": matches[:top]}
+
+
+def _flagged_matches(out: DetectorOutput, train_ids: Sequence[str] | None, seeds: Sequence[int] | None) -> list:
+    matches = []
+    for i in np.flatnonzero(out.flagged & out.judged_mask()):
+        extra = {}
+        if "match_b" in out.extra:  # a blend of two identities: the second one's training image too
+            rb = int(out.extra["match_b"][i])
+            extra = {"train_row_b": rb, "train_id_b": train_ids[rb] if train_ids is not None and rb >= 0 else None,
+                     "identity_a": out.extra.get("identity_a_name", [None] * (i + 1))[i],
+                     "identity_b": out.extra.get("identity_b_name", [None] * (i + 1))[i]}
+        elif "identity_name" in out.extra:
+            extra = {"identity": out.extra["identity_name"][i]}
+        matches.append({**extra,
+            "seed": int(seeds[i]) if seeds is not None else int(i),
+            "sample": int(i),
+            "train_row": int(out.match[i]),
+            "train_id": train_ids[int(out.match[i])] if train_ids is not None and out.match[i] >= 0 else None,
+            "detector": out.name,
+            "score": float(out.score[i]),
+            "threshold": out.threshold,
+            "direction": out.direction,
+        })
+    return matches
 
 
 def _identity_counts(out: DetectorOutput, block: dict) -> None:
@@ -114,21 +147,31 @@ def _strength(m: dict) -> float:
 
 
 def per_sample_rows(outputs: Iterable[DetectorOutput]) -> list[dict]:
-    """One dict per sample: ``{"scores": {name: score}, "flags": {name: bool}, "matches": {name: row}}``."""
-    outputs = list(outputs)
+    """One dict per sample: ``{"scores": {name: score}, "flags": {name: bool}, "matches": {name: row}}``.
+
+    Detectors that are not applicable are left out; a sample a detector could not judge has its score as
+    None and its flag False.
+    """
+    outputs = [o for o in outputs if o.applicable]
     if not outputs:
         return []
     n = len(outputs[0].score)
     rows = [{"scores": {}, "flags": {}, "matches": {}} for _ in range(n)]
     for out in outputs:
+        judged = out.judged_mask()
         for i in range(n):
-            rows[i]["scores"][out.name] = float(out.score[i])
-            rows[i]["flags"][out.name] = bool(out.flagged[i])
+            rows[i]["scores"][out.name] = _scalar(out.score[i]) if judged[i] else None
+            rows[i]["flags"][out.name] = bool(out.flagged[i] and judged[i])
             rows[i]["matches"][out.name] = int(out.match[i])
         for key, arr in out.extra.items():
             arr = np.asarray(arr)
             for i in range(n):
-                v = arr[i]
-                rows[i]["scores"][f"{out.name}.{key}"] = (None if v is None else v if isinstance(v, str)
-                                                          else float(v))
+                rows[i]["scores"][f"{out.name}.{key}"] = _scalar(arr[i])
     return rows
+
+
+def _scalar(v):
+    if v is None or isinstance(v, str):
+        return v
+    v = float(v)
+    return v if math.isfinite(v) else None

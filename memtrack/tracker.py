@@ -89,6 +89,7 @@ class Tracker:
         for emb in self.embedders:
             index.check_embedder(emb)
         self.plan = SamplePlan.from_config(self.config.sampling, prompts)
+        self._warn_untuned_k()
         self._loss_gap_probe = make_loss_gap_probe(self.config, index) if _is_main(accelerator) else None
         self._last_step: int | None = None
 
@@ -198,15 +199,18 @@ class Tracker:
         for emb in self.embedders:
             t0 = time.perf_counter()
             space = self.index.spaces[emb.name]
-            if hasattr(emb, "embed_faces"):  # several faces per image, compared by identity
+            if emb.identities:  # several faces per image, compared by identity
                 evidence[emb.name] = face_evidence(self.index, emb, images, self.config)
             else:
                 query = np.asarray(emb.embed(list(images)), dtype=np.float32)
-                k = self._k(emb.name)
-                _, ids = self.index.search(emb.name, query, k)
+                # k training images may have several vectors each (views): ask for k * views vectors
+                _, ids = self.index.search(emb.name, query, self._k(emb.name) * space.views)
                 shape = (3, emb.options.resolution, emb.options.resolution) if emb.name == "pixel" else None
+                extra = {"train_neighbours": self.index.train_neighbours(emb.name)} if shape else \
+                    self._feature_extra(emb)
                 evidence[emb.name] = SpaceEvidence(space.metric, query, self.index.record_rows(emb.name, ids),
-                                                   self.index.candidates(emb.name, ids), shape)
+                                                   self.index.candidates(emb.name, ids), shape, extra,
+                                                   n_rows=space.n_rows)
             timings[emb.name] = time.perf_counter() - t0
         t0 = time.perf_counter()
         outputs = run_detectors(evidence, self.config.detectors)
@@ -271,11 +275,35 @@ class Tracker:
         broadcast_object_list(box, from_process=0)
         return box[0]
 
+    def _feature_extra(self, emb: Embedder) -> dict:
+        """What a feature space's copy score needs: the descriptor's published thresholds, if any, and the
+        train->train similarities to calibrate one on."""
+        cache = self.__dict__.setdefault("_feature_extras", {})
+        if emb.name not in cache:
+            try:
+                sims = self.index.baseline_values(emb.name)
+            except OSError:
+                sims = np.zeros(0)
+            cache[emb.name] = {"train_similarity": sims,
+                               "published_copy": getattr(emb, "published_copy_thresholds", None),
+                               "copy_default": getattr(emb, "copy_threshold", None)}
+        return cache[emb.name]
+
+    def _warn_untuned_k(self) -> None:
+        """An approximate index was tuned for one k; searching another leaves its recall unmeasured."""
+        for emb in self.embedders:
+            info = self.index.spaces[emb.name].info
+            tuned = (info.get("recall") or {}).get("k")
+            if info.get("index_kind", "flat") != "flat" and tuned and not emb.identities \
+                    and tuned != self._k(emb.name):
+                logger.warning("the %s index was tuned for k = %d candidates, this scan asks for %d: its recall at "
+                               "this k was not measured (rebuild the index with index.k = %d)", emb.name, tuned,
+                               self._k(emb.name), self._k(emb.name))
+
     def _k(self, space: str) -> int:
-        k = self.config.index.k
-        if space == "pixel":
-            k = max(k, self.config.detectors.adaptive_n, 2)
-        return min(k, self.index.spaces[space].index.ntotal)
+        """Training images (not vectors) to fetch per sample in ``space``."""
+        k = max(self.config.index.k, 2)  # the k the index was tuned for; nn_ratio needs 2 images
+        return max(1, min(k, self.index.spaces[space].n_rows))
 
     def _sample(self, ck: Checkpoint, pipeline) -> tuple[Samples, object]:
         """The plan's samples (gathered from every process) and this process's pipeline."""
@@ -352,21 +380,11 @@ def embedders_for(ref: ReferenceIndex, cfg: Config) -> list[Embedder]:
 
 
 def thresholds_block(outputs: Sequence[DetectorOutput], config: Config) -> dict:
-    """The ``thresholds`` block of summary.json: value, source and citation of every detector's threshold."""
-    cites = {"nn_ratio": "Gu et al. 2023, On Memorization in Diffusion Models",
-             "tiled_l2": "Carlini et al. 2023, Extracting Training Data from Diffusion Models",
-             "adaptive_l2": "Carlini et al. 2023 (CIFAR-10 section)",
-             "identity_leak": "verification threshold of the face model (dlib: 0.6) or calibrated at the target "
-                              "false-match rate; Tinsley et al. 2021, Otroshi Shahreza & Marcel 2024",
-             "identity_interpolation": "both identities verified (MMPMR, Scherhag et al. 2017) and d1/d2 > r "
-                                       "(Gu et al. 2023's ratio over identities)"}
-    out = {}
-    for o in outputs:
-        cite = cites.get(o.name, "Somepalli et al. 2023, Diffusion Art or Digital Forgery?"
-                         if o.name.endswith("_copy") else "")
-        out[o.name] = {"value": o.threshold, "source": getattr(o, "threshold_source", "default"),
-                       "direction": o.direction, "citation": cite}
-    return out
+    """The ``thresholds`` block of summary.json: per detector its value, direction, source (``published`` /
+    ``calibrated`` / ``config`` / ``memtrack``), citation, regime and whether it applied (with the reason)."""
+    from .detector_registry import threshold_info
+
+    return {o.name: threshold_info(o) for o in outputs}
 
 
 def png_bytes(image: Image.Image, max_side: int | None = None) -> bytes:

@@ -56,9 +56,10 @@ def embedder_rows() -> list[str]:
     from memtrack.embedders.clip import ClipOptions
     from memtrack.embedders.face import FaceOptions
     from memtrack.embedders.pixel import PixelOptions
+    from memtrack.embedders.sscd import SscdOptions
 
     rows = []
-    for name, cls in (("pixel", PixelOptions), ("clip", ClipOptions), ("face", FaceOptions)):
+    for name, cls in (("pixel", PixelOptions), ("clip", ClipOptions), ("sscd", SscdOptions), ("face", FaceOptions)):
         docs = _args_section(cls)
         for f in dataclasses.fields(cls):
             help_ = (f.metadata.get("help") or docs.get(f.name, "")).replace("|", "\\|").replace("``", "`")

@@ -18,7 +18,7 @@ def test_defaults_are_the_published_ones():
     assert cfg.detectors.nn_ratio == pytest.approx(1 / 3)          # Gu et al.
     assert cfg.detectors.tiled_l2 == 0.15 and cfg.detectors.tiled_grid == 4   # Carlini et al.
     assert cfg.detectors.adaptive_alpha == 0.5 and cfg.detectors.adaptive_n == 50
-    assert cfg.detectors.copy == 0.5                               # Somepalli et al.
+    assert cfg.detectors.copy is None    # each descriptor's own: SSCD's published 0.5, CLIP's calibrated
     assert cfg.index.embedders == [EmbedderSpec("pixel", {})]
     assert cfg.sampling.scheduler == "ddim" and cfg.sampling.device == "cpu"
     assert cfg.dynamics.baseline_rate == 0.01 and cfg.dynamics.persistence == 2

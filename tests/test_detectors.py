@@ -166,29 +166,46 @@ def test_grayscale_training_images_become_rgb_and_match_exactly(tmp_path):
 # ----------------------------------------------------------------------------------- adaptive distance
 
 
+def _train_lists(train: np.ndarray):
+    """Exact train->train lists of ``train`` [n, ...]: every other image, nearest first (rows, RMS)."""
+    x = flat(train)
+    n = len(x)
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).mean(-1))
+    d[np.arange(n), np.arange(n)] = np.inf
+    order = np.argsort(d, axis=1)[:, :n - 1]
+    return order, np.take_along_axis(d, order, 1)
+
+
 def test_adaptive_l2_on_a_constructed_case():
-    # 1-d "images": distances from the query are exactly the candidate values
-    q = np.zeros((3, 1))
-    cand = np.array([[[0.1], [1.0], [1.0], [1.0]],    # one close neighbour among far ones
-                     [[1.0], [1.0], [1.0], [1.0]],    # all equally far: nothing special
-                     [[0.0], [0.0], [0.0], [0.0]]])   # all identical to the query: mean is 0
-    out = adaptive_l2(q, cand, alpha=0.5, n_neighbours=50)
-    # Carlini et al.: l2(x_hat, nn) / (alpha * mean l2 to the n nearest); n capped at k = 4 here
-    assert out.score[0] == pytest.approx(0.1 / (0.5 * (0.1 + 3.0) / 4))
-    assert out.score[1] == pytest.approx(2.0)
-    assert out.score[2] == 0.0 and not np.isnan(out.score[2])
+    # Carlini et al. 2023, Section 5.1: l2(x_hat, x) / (alpha * mean l2 from the *training* image x to its n
+    # closest training elements, itself included). 1-d "images": distances are differences of values.
+    train = np.array([[0.0], [0.1], [0.4], [1.0]])    # rows 0..3
+    rows, dist = _train_lists(train[:, :, None, None])
+    q = np.array([[0.05], [0.7], [0.0]])
+    cand = np.broadcast_to(train, (3, 4, 1)).copy()
+    out = adaptive_l2(q, cand, dist, alpha=0.5, n_neighbours=3)
+    # sample 0: nearest row 0 (d1 0.05); row 0's 3 closest: itself (0), 0.1, 0.4 -> mean 0.5/3
+    assert out.match.tolist() == [0, 2, 0]
+    assert out.score[0] == pytest.approx(0.05 / (0.5 * 0.5 / 3))
+    # sample 1: nearest row 2 (d1 0.3, tied with row 3 -- the first wins); row 2: 0, 0.3 (row 1), 0.4 (row 0)
+    assert out.score[1] == pytest.approx(0.3 / (0.5 * 0.7 / 3))
+    assert out.score[2] == 0.0 and not np.isnan(out.score[2])   # an exact copy
     assert out.flagged.tolist() == [True, False, True]
-    assert out.extra["n"].tolist() == [4, 4, 4]
-    # with n = 2 only the two nearest are averaged
-    two = adaptive_l2(q, cand, alpha=0.5, n_neighbours=2)
-    assert two.score[0] == pytest.approx(0.1 / (0.5 * 0.55))
-    # alpha scales the score inversely
-    assert adaptive_l2(q, cand, alpha=0.25).score[0] == pytest.approx(2 * out.score[0])
+    assert out.extra["neighbourhood"][0] == pytest.approx(0.5 / 3)
+    # the normaliser is the training image's, not the generated image's: moving the sample does not change it
+    moved = adaptive_l2(q - np.array([[0.02], [0.0], [0.0]]), cand, dist, alpha=0.5, n_neighbours=3)
+    assert moved.match[0] == 0 and moved.score[0] != out.score[0]
+    assert moved.extra["neighbourhood"][0] == out.extra["neighbourhood"][0]
+    # alpha scales the score inversely; n larger than the lists -> no verdict rather than a guess
+    assert adaptive_l2(q, cand, dist, alpha=0.25, n_neighbours=3).score[0] == pytest.approx(2 * out.score[0])
+    short = adaptive_l2(q, cand, dist, n_neighbours=5)
+    assert not short.judged_mask().any() and not short.flagged.any()
 
 
 def test_adaptive_l2_flags_copies_of_real_images_and_not_blends():
+    rows, dist = _train_lists(TRAIN)
     queries = np.stack([TRAIN[COFFEE], 0.5 * TRAIN[ASTRONAUT] + 0.5 * TRAIN[COFFEE]])
-    out = adaptive_l2(flat(queries), flat(against_all(queries, TRAIN)))
+    out = adaptive_l2(flat(queries), flat(against_all(queries, TRAIN)), dist, n_neighbours=4)
     assert out.flagged.tolist() == [True, False]
     assert out.match[0] == COFFEE
 
@@ -237,8 +254,8 @@ def test_outputs_have_one_entry_per_sample_and_map_matches_through_candidate_ids
         out = nn_ratio(flat(query), flat(cand), candidate_ids=train_ids)
     elif which == "tiled_l2":
         out = tiled_l2(query, cand, candidate_ids=train_ids)
-    elif which == "adaptive_l2":
-        out = adaptive_l2(flat(query), flat(cand), candidate_ids=train_ids)
+    elif which == "adaptive_l2":  # every training image 1.0 from its 49 nearest others
+        out = adaptive_l2(flat(query), flat(cand), np.ones((101, 49)), candidate_ids=train_ids)
     else:
         out = copy_score(flat(query), flat(cand), candidate_ids=train_ids)
     assert isinstance(out, DetectorOutput)
@@ -295,19 +312,27 @@ def test_tiled_distance_is_at_least_the_global_rms_and_equal_with_one_tile():
 
 
 def test_registered_detectors_run_on_the_spaces_they_need():
-    assert {"nn_ratio", "tiled_l2", "adaptive_l2", "copy"} <= set(list_detectors())
+    assert {"nn_ratio", "nn_ratio_dedup", "tiled_l2", "adaptive_l2", "copy"} <= set(list_detectors())
     rng = np.random.default_rng(2)
     query = TRAIN[[ASTRONAUT, COFFEE]]
     ids = np.tile(np.arange(N_TRAIN), (2, 1))
     pixel = SpaceEvidence("l2", flat(query).astype(np.float32), ids, flat(against_all(query, TRAIN)).astype(np.float32),
-                          image_shape=(3, 32, 32))
+                          image_shape=(3, 32, 32), extra={"train_neighbours": _train_lists(TRAIN)}, n_rows=N_TRAIN)
     feats = rng.normal(size=(N_TRAIN, 8))
     clip = SpaceEvidence("cosine", feats[[ASTRONAUT, COFFEE]], ids, np.broadcast_to(feats, (2, N_TRAIN, 8)).copy())
-    outs = {o.name: o for o in run_detectors({"pixel": pixel, "clip": clip}, DetectorsConfig())}
-    assert {"nn_ratio", "tiled_l2", "adaptive_l2", "clip_copy"} <= set(outs)
+    # clip has no published copy threshold, and 5 training images are too few to calibrate one: set it here
+    cfg = DetectorsConfig(copy_thresholds={"clip": 0.9})
+    outs = {o.name: o for o in run_detectors({"pixel": pixel, "clip": clip}, cfg)}
+    assert {"nn_ratio", "nn_ratio_dedup", "tiled_l2", "adaptive_l2", "clip_copy"} <= set(outs)
+    assert outs["clip_copy"].threshold == 0.9 and outs["clip_copy"].threshold_source == "config"
+    uncalibrated = {o.name: o for o in run_detectors({"clip": clip}, DetectorsConfig())}["clip_copy"]
+    assert not uncalibrated.applicable and "calibrating one needs" in uncalibrated.reason
     assert not {"identity_leak", "identity_interpolation"} & set(outs)  # they need the face space
-    for name in ("nn_ratio", "tiled_l2", "adaptive_l2", "clip_copy"):
+    for name in ("nn_ratio", "nn_ratio_dedup", "tiled_l2", "clip_copy"):
         assert outs[name].flagged.tolist() == [True, True], name
         assert outs[name].match.tolist() == [ASTRONAUT, COFFEE], name
+    # five training images: outside adaptive_l2's regime (the mean over the 50 nearest), no verdict at all
+    ad = outs["adaptive_l2"]
+    assert not ad.applicable and "n = 50" in ad.reason and "has 5" in ad.reason and not ad.flagged.any()
     assert outs["nn_ratio"].threshold == pytest.approx(1 / 3) and outs["tiled_l2"].threshold == 0.15
     assert len(SCENES5) == N_TRAIN

@@ -85,7 +85,7 @@ def test_an_image_added_to_the_index_is_found_by_the_next_scan_without_force(tin
     capsys.readouterr()
     after = _evaluate(tiny_run, ref, copies)
     assert not after.cached, "a verdict computed against the old index was served"
-    assert after.metrics["nn_ratio"]["rate"] == 1.0 and after.metrics["tiled_l2"]["rate"] == 1.0
+    assert after.metrics["nn_ratio"]["rate"] == 1.0 and after.metrics["nn_ratio_dedup"]["rate"] == 1.0
     assert after.series != before.series
     grown = ReferenceIndex.open(ref)
     assert grown.content_hash != hash_before and grown.extends(hash_before) and grown.extends(grown.content_hash)

@@ -38,9 +38,10 @@ def test_report_writes_html_and_summary(scanned, tmp_path, capsys):
     summary = json.loads((out.parent / "summary.json").read_text(), parse_constant=_refuse)  # strict JSON
     assert [c["step"] for c in summary["checkpoints"]] == [10, 20, 30]
     assert summary["index"]["n_train"] == 6 and summary["dataset"]["n_train"] == 6
-    assert summary["thresholds"]["nn_ratio"]["source"] == "default"
+    assert summary["thresholds"]["nn_ratio"]["source"] == "published"           # Gu et al.'s 1/3
+    assert summary["thresholds"]["tiled_l2"]["source"] == "memtrack"            # the paper publishes none
     assert set(summary["onset"]) >= {"nn_ratio", "tiled_l2", "adaptive_l2"}
-    assert summary["onset"]["nn_ratio"] == {"step": None, "between": None, "confirmed": False}
+    assert summary["onset"]["nn_ratio"] == {"step": None, "between": None, "confirmed": False, "provisional": None}
     assert summary["recommended_checkpoint"]["step"] == 30
     for ck in summary["checkpoints"]:
         m = ck["metrics"]["nn_ratio"]
@@ -71,9 +72,13 @@ def test_other_formats(scanned, tmp_path, fmt, name):
 def test_gates_exit_codes(scanned, capsys):
     run = str(scanned)
     assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate > 0.5"]) == 0
-    assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate >= 0", "--fail-on", "tiled_l2.onset == null"]) == 1
+    assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate >= 0", "--fail-on",
+                 "nn_ratio_dedup.onset == null"]) == 1
     err = capsys.readouterr().err
-    assert "gate tripped: nn_ratio.rate >= 0" in err and "gate tripped: tiled_l2.onset == null" in err
+    assert "gate tripped: nn_ratio.rate >= 0" in err and "gate tripped: nn_ratio_dedup.onset == null" in err
+    # tiled_l2 is not applicable on this 16-px index: a gate on it could never trip, so it is refused
+    assert main(["report", run, "--quiet", "--fail-on", "tiled_l2.onset == null"]) == 2
+    assert "not applicable" in capsys.readouterr().err
     assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate >>> 1"]) == 2
     assert main(["report", run, "--quiet", "--fail-on", "no_such_metric.rate > 0"]) == 2
     assert "unknown metric" in capsys.readouterr().err

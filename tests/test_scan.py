@@ -127,7 +127,12 @@ def test_check_json_on_copies_and_noise(pixel_index, train_dir, tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     by_file = {i["file"]: i for i in out["images"]}
     assert set(by_file) == {"copy_of_coffee.png", "noise.png"}
-    assert by_file["copy_of_coffee.png"]["flags"] == {"nn_ratio": True, "tiled_l2": True, "adaptive_l2": True}
+    # a 16-px index of 6 images: tiled_l2 (4-px tiles) and adaptive_l2 (n = 50) are outside their regimes,
+    # reported as not applicable with the reason -- never as a rate
+    assert by_file["copy_of_coffee.png"]["flags"] == {"nn_ratio": True, "nn_ratio_dedup": True}
+    assert out["rates"]["tiled_l2"]["applicable"] is False and "4 px" in out["rates"]["tiled_l2"]["reason"]
+    assert out["rates"]["adaptive_l2"] == {"applicable": False, "reason": out["rates"]["adaptive_l2"]["reason"]}
+    assert "this training set has 6" in out["rates"]["adaptive_l2"]["reason"]
     assert by_file["copy_of_coffee.png"]["matches"][0]["train_id"] == "coffee.png"
     assert by_file["copy_of_coffee.png"]["scores"]["nn_ratio.d1"] == 0.0
     assert not any(by_file["noise.png"]["flags"].values())

@@ -455,20 +455,20 @@ def test_run_transform_is_recorded_in_summary_json(tmp_path):
 def test_detectors_flag_a_flipped_copy_only_when_the_index_has_mirrored_views(tmp_path):
     """nn_ratio and tiled_l2 on an exact mirrored copy of a training view. Without mirrored views neither
     flags it. With them the copy's nearest vector is its source's mirrored view at distance 0, so both flag
-    it. NOTE: after the candidates helper's per-row reduction, nn_ratio's d2 is the next *training image*
+    it (at 32 px: tiled_l2 needs tiles of >= 8 px). NOTE: after the candidates helper's per-row reduction, nn_ratio's d2 is the next *training image*
     (not the same image's unmirrored view); the verdict is the same (d1 = 0), this test keeps checking it."""
     from memtrack.tracker import Tracker
 
     data = training_set(tmp_path / "data")
-    emb = get_embedder({"name": "pixel", "resolution": 16, "flip": True})
+    emb = get_embedder({"name": "pixel", "resolution": 32, "flip": True})
     paths = sorted(data.glob("*.png"))  # record order
     copies = [ImageOps.mirror(emb.canonical(open_image(p, alpha="drop"))) for p in paths]
     cfg = Config()
     cfg.detectors.calibrate = False
     verdicts = {}
     for flip in (False, True):
-        ref = build(tmp_path / str(flip), data, resolution=16, flip=flip)
-        outs = Tracker(ref, [get_embedder({"name": "pixel", "resolution": 16, "flip": flip})], cfg).assess(copies)
+        ref = build(tmp_path / str(flip), data, resolution=32, flip=flip)
+        outs = Tracker(ref, [get_embedder({"name": "pixel", "resolution": 32, "flip": flip})], cfg).assess(copies)
         verdicts[flip] = {o.name: o for o in outs}
     for name in ("nn_ratio", "tiled_l2"):
         assert not verdicts[False][name].flagged.any(), name

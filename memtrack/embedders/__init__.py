@@ -4,7 +4,7 @@ Built-ins register through the same public function users call:
 
     >>> from memtrack.embedders import register_embedder, get_embedder, list_embedders
     >>> list_embedders()
-    ['clip', 'face', 'pixel']
+    ['clip', 'face', 'pixel', 'sscd']
     >>> emb = get_embedder({"name": "pixel", "resolution": 32})
 
 Names are stored in indexes and run stores, so they must be lowercase identifiers and unique.
@@ -71,7 +71,7 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from . import pixel, clip  # noqa: F401  (register themselves)
+    from . import pixel, clip, sscd  # noqa: F401  (register themselves)
 
     try:
         from . import face  # noqa: F401

@@ -1,9 +1,14 @@
 """Gates for nightly jobs: ``--fail-on "nn_ratio.rate > 0.01"``.
 
 Grammar (whitespace-insensitive): ``METRIC.FIELD OP VALUE`` where FIELD is one of ``rate``, ``ci_low``,
-``ci_high``, ``count``, ``distinct`` (read from the latest checkpoint) or ``onset`` (the onset step, or
-null); OP is one of ``> >= < <= == !=``; VALUE is a number or ``null``. No ``eval``: a hand-written parser,
+``ci_high``, ``count``, ``distinct`` (read from the latest checkpoint) or ``onset`` (the *confirmed* onset
+step, or null: a provisional rise at the last checkpoints does not trip ``onset != null``); OP is one of ``> >= < <= == !=``; VALUE is a number or ``null``. No ``eval``: a hand-written parser,
 so a gate string cannot run code.
+
+A gate on a metric that is **not applicable** in this run (a detector outside its regime, e.g.
+``adaptive_l2`` on fewer than 50 training images) is an error (:class:`GateError`, exit 2), like a field
+the metric does not have: it could never trip, and passing silently would let a nightly job believe it
+is guarded. The message gives the detector's reason; gate on an applicable detector instead.
 """
 from __future__ import annotations
 
@@ -73,8 +78,14 @@ def observe(summary: dict, metric: str, fld: str):
     if metric not in known:
         raise GateError(f"gate names unknown metric {metric!r}",
                         hint=f"metrics in this run: {', '.join(sorted(known)) or 'none'}")
-    if fld == "onset":
-        return (summary.get("onset", {}).get(metric) or {}).get("step")
+    latest = next((c["metrics"][metric] for c in reversed(cks) if metric in (c.get("metrics") or {})), {})
+    on = summary.get("onset", {}).get(metric) or {}
+    if latest.get("applicable") is False or on.get("applicable") is False:
+        reason = latest.get("reason") or on.get("reason") or "outside the detector's regime"
+        raise GateError(f"gate on {metric!r}: the metric is not applicable in this run ({reason})",
+                        hint="a gate on it could never trip; gate on a detector that applies here")
+    if fld == "onset":  # a confirmed onset only; a provisional rise (or an old unconfirmed step) is none
+        return on.get("step") if on.get("confirmed", True) is not False else None
     if not cks:
         return None
     block = cks[-1].get("metrics", {}).get(metric, {})

@@ -18,8 +18,8 @@ from .html_probes import probes_section
 from .markup import Raw, badge, esc, facts, section, table
 from .series import series_lines
 from .style import CSS
-from .text import (changes_sentence, checkpoints, fmt_ci, fmt_num, fmt_pct, fmt_step, label, onset_sentences,
-                   rate_metrics, recommended_sentence)
+from .text import (changes_sentence, checkpoints, fmt_ci, fmt_num, fmt_pct, fmt_step, label, na_text,
+                   onset_cell, onset_sentences, rate_metrics, recommended_sentence, table_metrics)
 
 
 def render_html(summary: dict, gallery: list[dict], *, runs: list[dict] | None = None) -> str:
@@ -88,7 +88,8 @@ _NAV = {"verdict": "Summary", "latest": "Latest", "runs": "Runs", "curves": "Cur
 
 def _verdict(summary: dict) -> Raw:
     sentences = onset_sentences(summary)
-    began = any((o or {}).get("step") is not None for o in (summary.get("onset") or {}).values())
+    began = any((o or {}).get("step") is not None and (o or {}).get("confirmed", True) is not False
+                for o in (summary.get("onset") or {}).values())
     leaked = bool(((summary.get("identities") or {}).get("leaked")))
     cls = "verdict" if began or leaked else "verdict clean"
     body = "".join(f'<p class="lead">{esc(s)}</p>' for s in sentences)
@@ -109,11 +110,12 @@ def _latest(summary: dict) -> Raw:
     cp = cps[-1]
     metrics, onsets = cp.get("metrics") or {}, summary.get("onset") or {}
     rows = []
-    for m in rate_metrics([summary]):
+    for m in table_metrics([summary]):
         b = metrics.get(m)
-        o = onsets.get(m) or {}
-        onset = fmt_step(o.get("step")) if o.get("step") is not None else ("none" if m in onsets else "")
-        if b and "rate" in b:
+        onset = onset_cell(onsets.get(m))
+        if b and b.get("applicable") is False:
+            rows.append([label(m), na_text(b.get("reason")), "", "", "n/a"])
+        elif b and "rate" in b:
             rows.append([label(m), fmt_pct(b["rate"]), fmt_ci(b), f"{b.get('count', '')}/{b.get('n', '')}", onset])
         else:
             rows.append([label(m), "not measured", "", "", onset])
@@ -220,18 +222,20 @@ def _spaces_table(index: dict) -> Raw:
         return Raw("")
     rows = []
     for space, sp in spaces.items():
-        recall = sp.get("recall_at_k")
+        recall, second = sp.get("recall_at_k"), sp.get("recall_2nd")
         rows.append([space, sp.get("name", ""), sp.get("metric", ""), sp.get("dim", ""), sp.get("index_type", ""),
-                     "not measured" if recall is None else fmt_pct(recall), _fingerprint(sp)])
-    return Raw("<h3>Index</h3>" + table(["space", "embedder", "metric", "dim", "index", "recall@k", "fingerprint"],
-                                        rows, numeric=(3, 5)))
+                     "not measured" if recall is None else fmt_pct(recall),
+                     "" if second is None else fmt_pct(second), _fingerprint(sp)])
+    return Raw("<h3>Index</h3>" + table(["space", "embedder", "metric", "dim", "index", "recall@k",
+                                         "2nd-neighbour recall", "fingerprint"], rows, numeric=(3, 5, 6)))
 
 
 def _fingerprint(space: dict) -> str:
     """What identifies the embedder beyond name, metric and dim (weights hash, preprocessing, ...)."""
     if isinstance(space.get("fingerprint"), str):
         return space["fingerprint"]
-    shown = {"name", "metric", "dim", "index_type", "n_vectors", "recall_at_k", "fingerprint"}
+    shown = {"name", "metric", "dim", "index_type", "n_vectors", "recall_at_k", "fingerprint", "recall_2nd",
+             "recall_2nd_measured", "index_kind", "views"}
     return " · ".join(f"{k}: {_short(v)}" for k, v in space.items()
                       if k not in shown and isinstance(v, (str, int, float)) and v is not None)
 
@@ -244,15 +248,22 @@ def _short(value: object) -> object:
 
 
 def _thresholds_table(summary: dict) -> Raw:
+    """The detector cards: threshold, its source (published / calibrated / config / memtrack), citation, and
+    the regime the definition holds in -- with the reason where a detector was not applicable."""
     ths = summary.get("thresholds") or {}
     if not ths:
         return Raw("")
     rows = []
     for det, th in ths.items():
         sign = "<" if th.get("direction", "below") == "below" else ">"
-        rows.append([label(det), f"score {sign} {fmt_num(th.get('value'))}",
-                     badge(th["source"]) if th.get("source") else "", th.get("citation", "")])
-    return Raw("<h3>Thresholds</h3>" + table(["detector", "flagged when", "source", "citation"], rows))
+        flagged = f"score {sign} {fmt_num(th.get('value'))}" if th.get("value") is not None else "n/a"
+        cite = " — ".join(x for x in (th.get("citation"), th.get("detail")) if x)
+        regime = th.get("regime", "")
+        if th.get("applicable") is False:
+            regime = (regime + "; " if regime else "") + na_text(th.get("reason"))
+        rows.append([label(det), flagged, badge(th["source"]) if th.get("source") else "", cite, regime])
+    return Raw("<h3>Detectors and thresholds</h3>"
+               + table(["detector", "flagged when", "source", "citation", "regime"], rows))
 
 
 def _footer(summary: dict) -> Raw:

@@ -120,10 +120,15 @@ def rates_table(summary: dict) -> Raw:
     for cp in cps:
         ms = cp.get("metrics") or {}
         rows.append([fmt_step(cp["step"]), cp.get("n_samples", "")] +
-                    [f"{fmt_pct(ms[m]['rate'])} {fmt_ci(ms[m])}" if m in ms and "rate" in ms[m] else "not measured"
-                     for m in metrics])
+                    [_rate_cell(ms.get(m)) for m in metrics])
     t = table(["step", "samples"] + metrics, rows, numeric=range(0, len(metrics) + 2))
     return Raw(f"<details><summary>Rates at every checkpoint ({len(cps)})</summary>{t}</details>")
+
+
+def _rate_cell(block: dict | None) -> str:
+    if isinstance(block, dict) and "rate" in block:
+        return f"{fmt_pct(block['rate'])} {fmt_ci(block)}"
+    return "n/a" if isinstance(block, dict) and block.get("applicable") is False else "not measured"
 
 
 def trajectories_section(summary: dict, max_rows: int = 80) -> Raw:

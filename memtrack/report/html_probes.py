@@ -52,8 +52,9 @@ def _which_part(summary: dict, max_rows: int = 30) -> str:
              fmt_num(m["bytes_per_pixel"]), m["risk_rank"]] for m in rep[:max_rows]]
     s = wi.get("summary", {})
     note = ("Duplicated and simple images are reported to be memorized first (Carlini et al. 2023; Somepalli et "
-            "al. 2023); near-duplicates are other training images within the tiled-L2 threshold, simplicity is "
-            "the PNG size in bytes per pixel (lower is simpler).")
+            "al. 2023); near-duplicates are other training images within the near-duplicate distance (1/3 of the "
+            "median train-to-train nearest-neighbour distance), simplicity is the PNG size in bytes per pixel "
+            "(lower is simpler).")
     extra = ""
     if s.get("reproduced", {}).get("n") is not None:
         extra = f" Reproduced: {s['reproduced']['n']}; never reproduced: {s.get('not_reproduced', {}).get('n', 0)}."

@@ -20,8 +20,8 @@ from .html_charts import run_names
 from .markup import image_mime
 from .series import series_lines
 from .svg import DASHES, OKABE_ITO
-from .text import (changes_sentence, checkpoints, comparison, fmt_ci, fmt_pct, fmt_step, label,
-                   onset_sentences, rate_metrics, recommended_sentence, series)
+from .text import (changes_sentence, checkpoints, comparison, fmt_ci, fmt_pct, fmt_step, label, na_text,
+                   onset_cell, onset_sentences, rate_metrics, recommended_sentence, series, table_metrics)
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp"}
 _PREFIX = "memtrack-"
@@ -74,11 +74,13 @@ def _latest_table(summary: dict) -> str:
         return ""
     cp, onsets = cps[-1], summary.get("onset") or {}
     rows = ["| metric | flagged | 95% CI | count/n | onset step |", "|---|--:|--:|--:|--:|"]
-    for m in rate_metrics([summary]):
+    for m in table_metrics([summary]):
         b = (cp.get("metrics") or {}).get(m)
         o = onsets.get(m)
-        onset = fmt_step(o["step"]) if o and o.get("step") is not None else ("none" if o is not None else "")
-        if b and "rate" in b:
+        onset = onset_cell(o)
+        if b and b.get("applicable") is False:
+            rows.append(f"| {md(label(m))} | {md(na_text(b.get('reason')))} | | | n/a |")
+        elif b and "rate" in b:
             rows.append(f"| {md(label(m))} | {fmt_pct(b['rate'])} | {fmt_ci(b)} | {b.get('count', '')}/{b.get('n', '')}"
                         f" | {onset} |")
         else:

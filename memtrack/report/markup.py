@@ -47,7 +47,8 @@ def facts(items: Iterable[tuple[str, object]]) -> Raw:
 
 
 def badge(text: str) -> Raw:
-    kind = text if text in ("default", "calibrated") else "other"
+    """A threshold's source as a badge: published, calibrated, config, memtrack (or an older "default")."""
+    kind = text if text in ("default", "calibrated", "published", "config", "memtrack") else "other"
     return Raw(f'<span class="badge {kind}">{esc(text)}</span>')
 
 

@@ -39,6 +39,9 @@ td.flag{color:var(--verm);font-weight:600}
 background:#fff;white-space:nowrap}
 .badge.calibrated{border-color:var(--green);color:#006548}
 .badge.default{border-color:var(--muted);color:var(--muted)}
+.badge.published{border-color:var(--ink);color:var(--ink)}
+.badge.config{border-color:#9a6700;color:#7a5200}
+.badge.memtrack{border-color:var(--muted);color:var(--muted);border-style:dashed}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,380px),1fr));gap:16px}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,300px),1fr));gap:14px}
 figure{margin:0;padding:10px 12px;border:1px solid var(--line);border-radius:8px;background:#fff;min-width:0}

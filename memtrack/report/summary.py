@@ -128,29 +128,29 @@ def seed_dynamics(store: RunStore, evals: list, index: ReferenceIndex | None, co
 def training_image_factors(index: ReferenceIndex, config: Config) -> tuple[list[int], list[float]]:
     """Per training image: its near-duplicates inside the training set and its simplicity.
 
-    Near-duplicates: other training images among its ``index.k`` nearest in the pixel index whose tiled L2
-    distance is within the ``tiled_l2`` threshold (the detector's own near-copy test). Simplicity: PNG
-    bytes per pixel at the index resolution.
+    Near-duplicates: other training images (never another view of the same one) in its train->train list
+    within the near-duplicate distance (:func:`memtrack.detectors.duplicate_distance`, the definition
+    nn_ratio_dedup uses). Simplicity: PNG bytes per pixel at the index resolution.
     """
     import numpy as np
 
-    from ..detectors import tiled_distances
+    from ..detectors import duplicate_distance
+    from ..dynamics import near_duplicate_counts
 
     space = index.spaces["pixel"]
     res = int(space.fingerprint["resolution"])
     dup, simple = [0] * index.n_train, [0.0] * index.n_train
-    k = min(config.index.k + 1, space.index.ntotal)
-    for start in range(0, len(space.rows), 256):
-        vids = np.arange(start, min(start + 256, len(space.rows)))
-        q = space.vectors_at(vids)
-        _, ids = index.search("pixel", q, k)
-        d = tiled_distances(q.reshape(len(q), 3, res, res),
-                            index.candidates("pixel", ids).reshape(len(q), k, 3, res, res), config.detectors.tiled_grid)
-        others = (ids >= 0) & (ids != vids[:, None])
-        counts = ((d <= config.detectors.tiled_l2) & others).sum(axis=1)
-        for j, vid in enumerate(vids):
-            rec = int(space.rows[vid])
-            dup[rec] = int(counts[j])
+    lists = index.train_neighbours("pixel")
+    if lists is not None:
+        rows, dist = lists
+        counts = near_duplicate_counts(dist, duplicate_distance(dist, config.detectors.nn_ratio), "below",
+                                       neighbour_ids=np.asarray(rows, np.int64))
+        dup = [int(c) for c in counts[:index.n_train]]
+    seen = set()
+    for vid in range(len(space.rows)):  # the first vector of each record: its image as indexed
+        rec = int(space.rows[vid])
+        if rec not in seen:
+            seen.add(rec)
             simple[rec] = png_bytes_per_pixel(np.asarray(space.vectors[vid]).reshape(3, res, res))
     return dup, simple
 

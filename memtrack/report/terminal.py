@@ -16,8 +16,8 @@ from __future__ import annotations
 import unicodedata
 
 from .series import series_lines
-from .text import (changes_sentence, checkpoints, fmt_ci, fmt_pct, fmt_step, label, onset_sentences,
-                   rate_metrics, recommended_sentence)
+from .text import (changes_sentence, checkpoints, fmt_ci, fmt_pct, fmt_step, label, na_text, onset_cell,
+                   onset_sentences, recommended_sentence, table_metrics)
 
 _HEADERS = ("metric", "flagged", "95% CI", "count/n", "onset")
 _RIGHT = {1, 2, 3}
@@ -34,7 +34,7 @@ def render_table(summary: dict) -> str:
             + (f", {cp['weights']}" if cp.get("weights") else "") + f"), {len(cps)} checkpoint"
             + ("s" if len(cps) != 1 else ""))
     rows = [_row(m, (cp.get("metrics") or {}).get(m), (summary.get("onset") or {}).get(m))
-            for m in rate_metrics([summary])]
+            for m in table_metrics([summary])]
     lines = [head, *_grid(rows)] if rows else [head, "no metrics recorded."]
     distinct = cp.get("distinct_train_images")
     if isinstance(distinct, int):
@@ -49,12 +49,14 @@ def render_table(summary: dict) -> str:
 
 
 def _row(metric: str, block: dict | None, onset: dict | None) -> tuple[str, ...]:
-    if onset and onset.get("step") is not None:
+    if onset and onset.get("step") is not None and onset.get("confirmed", True) is not False:
         between = onset.get("between")
         when = f"step {fmt_step(onset['step'])}" + (
             f" ({fmt_step(between[0])}-{fmt_step(between[1])})" if between and len(between) == 2 else "")
     else:
-        when = "none" if onset is not None else ""
+        when = onset_cell(onset)
+    if block and block.get("applicable") is False:
+        return (label(metric), na_text(block.get("reason")), "", "", "n/a")
     if not block or "rate" not in block:
         return (label(metric), "not measured", "", "", when)
     count = f"{block['count']}/{block['n']}" if "count" in block and "n" in block else ""

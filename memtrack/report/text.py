@@ -11,9 +11,11 @@ from typing import Iterable
 # Known metrics in reading order, with the plain-words name a reader would use.
 METRIC_LABELS: dict[str, str] = {
     "nn_ratio": "near-copies",
+    "nn_ratio_dedup": "near-copies of duplicated images",
     "tiled_l2": "tiled near-copies",
     "adaptive_l2": "adaptive near-copies",
     "pixel_copy": "pixel copies",
+    "sscd_copy": "copies (SSCD descriptor)",
     "clip_copy": "semantic copies",
     "identity_leak": "identity leakage",
     "identity_interpolation": "identity blending",
@@ -80,6 +82,32 @@ def rate_metrics(summaries: Iterable[dict]) -> list[str]:
     return known + sorted(seen - set(known))
 
 
+def not_applicable(summary: dict) -> dict[str, str]:
+    """``{metric: reason}`` for the metrics that are not applicable at the latest checkpoint reporting them
+    (a detector outside its regime reports a reason instead of a rate)."""
+    out: dict[str, str] = {}
+    for cp in checkpoints(summary):
+        for m, b in (cp.get("metrics") or {}).items():
+            if isinstance(b, dict) and b.get("applicable") is False:
+                out[m] = str(b.get("reason") or "outside the detector's regime")
+            elif isinstance(b, dict) and "rate" in b:
+                out.pop(m, None)
+    return out
+
+
+def table_metrics(summaries: Iterable[dict]) -> list[str]:
+    """The rows of a "latest checkpoint" table: every rate metric, then every not-applicable one."""
+    summaries = list(summaries)
+    rated = rate_metrics(summaries)
+    na = {m for s in summaries for m in not_applicable(s)} - set(rated)
+    return rated + sorted(na, key=_order)
+
+
+def na_text(reason: str | None) -> str:
+    """How a table cell says "not applicable": ``"n/a: <reason>"``."""
+    return f"n/a: {reason}" if reason else "n/a"
+
+
 def series(summary: dict, metric: str) -> list[tuple[int, dict]]:
     """``[(step, block)]`` for the checkpoints that measured ``metric`` (it may be added mid-run)."""
     out = []
@@ -116,6 +144,29 @@ def onset_clause(metric: str, onset: dict, first: bool, first_step: int | None) 
     return clause
 
 
+def onset_cell(onset: dict | None) -> str:
+    """The onset column of a table: the confirmed step, ``provisional <step>``, ``none``, or ``n/a``."""
+    if onset is None:
+        return ""
+    if onset.get("applicable") is False:
+        return "n/a"
+    if onset.get("step") is not None and onset.get("confirmed", True) is not False:
+        return fmt_step(onset["step"])
+    prov = (onset.get("provisional") or {}).get("step")
+    if prov is None and onset.get("step") is not None:  # an older summary's unconfirmed onset
+        prov = onset["step"]
+    return f"provisional {fmt_step(prov)}" if prov is not None else "none"
+
+
+def provisional_sentence(metric: str, prov: dict, persistence) -> str:
+    words = label(metric)
+    between = prov.get("between")
+    where = f" (between {fmt_step(between[0])} and {fmt_step(between[1])})" if between and len(between) == 2 else ""
+    k = f"the next {persistence} checkpoints" if persistence else "later checkpoints"
+    return (f"{words[:1].upper() + words[1:]} rose at step {fmt_step(prov.get('step'))}{where}: provisional, not an "
+            f"onset until {k} confirm it.")
+
+
 def onset_sentences(summary: dict) -> list[str]:
     """The report's first words, e.g. ``["Near-copies (nn_ratio) began at step 4,500 (between 4,000 and
     4,500); identity leakage (identity_leak) at step 6,000; 3 identities leaked.",
@@ -124,9 +175,13 @@ def onset_sentences(summary: dict) -> list[str]:
     first_step = cps[0]["step"] if cps else None
     last_step = cps[-1]["step"] if cps else None
     onsets = summary.get("onset") or {}
+    na = {m: (o or {}).get("reason") for m, o in onsets.items() if (o or {}).get("applicable") is False}
+    onsets = {m: o for m, o in onsets.items() if m not in na}
+    prov = {m: o["provisional"] for m, o in onsets.items() if (o or {}).get("step") is None
+            and (o.get("provisional") or {}).get("step") is not None}
     began = sorted(((m, o) for m, o in onsets.items() if o and o.get("step") is not None),
                    key=lambda mo: (mo[1]["step"], _order(mo[0])))
-    clean = [m for m in sorted(onsets, key=_order) if (onsets[m] or {}).get("step") is None]
+    clean = [m for m in sorted(onsets, key=_order) if (onsets[m] or {}).get("step") is None and m not in prov]
     leaked = ((summary.get("identities") or {}).get("leaked")) or []
     clauses = [onset_clause(m, o, i == 0, first_step) for i, (m, o) in enumerate(began)]
     if leaked:
@@ -137,11 +192,15 @@ def onset_sentences(summary: dict) -> list[str]:
         sentences.append(text[:1].upper() + text[1:] + ".")
     through = f" through step {fmt_step(last_step)}" if last_step is not None else ""
     if clean:
-        what = "any metric" if not began else ", ".join(label(m) for m in clean)
+        what = ("any applicable metric" if na else "any metric") if not began else ", ".join(label(m) for m in clean)
         sentences.append(f"No onset detected for {what}{through}.")
-    elif not began and not leaked:
+    elif not began and not leaked and not na and not prov:
         sentences.append(f"No onset detected{through}." if cps else "No checkpoints evaluated yet.")
+    persistence = (summary.get("onset_rule") or {}).get("persistence")
+    sentences += [provisional_sentence(m, p, persistence) for m, p in sorted(prov.items(), key=lambda i: _order(i[0]))]
     sentences += transient_sentences(summary, clean)
+    sentences += [f"Not applicable here: {label(m)}: {reason}."
+                  for m, reason in sorted(na.items(), key=lambda item: _order(item[0]))]
     return sentences
 
 
