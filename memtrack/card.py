@@ -109,7 +109,6 @@ def measure_card(gt: GroundTruth, embedders: Sequence[EmbedderSpec], config: Con
     from .data import read_dataset
     from .embedders import get_embedder
     from .index import ReferenceIndex
-    from .tracker import Tracker, thresholds_block
 
     cfg = config or Config()
     cfg.index.embedders = list(embedders)
@@ -117,16 +116,24 @@ def measure_card(gt: GroundTruth, embedders: Sequence[EmbedderSpec], config: Con
     ds = read_dataset(write_training_folder(gt, work / "train"), cfg.data, show_progress=False)
     embs = [get_embedder(s) for s in cfg.index.embedders]
     ref = ReferenceIndex.build(ds, embs, work / "ref", cfg, overwrite=True)
-    tracker = Tracker(ref, embs, cfg)
+    return judge_card(gt, ref, embs, cfg, batch_size=batch_size, images=images, command=command)
+
+
+def judge_card(gt: GroundTruth, ref, embedders: Sequence, config: Config, *, batch_size: int = 64,
+               images: str = "", command: str | None = None, scope: str = "benchmark") -> dict:
+    """The card of ``gt``'s cases judged against the index ``ref`` (whose training images include ``gt.train``)."""
+    from .tracker import Tracker, thresholds_block
+
+    tracker = Tracker(ref, list(embedders), config)
     verdicts, outputs_seen = _judge(tracker, gt, ref.train_ids, batch_size)
-    card = {"card_version": CARD_VERSION, "memtrack_version": _version(), "command": command,
+    card = {"card_version": CARD_VERSION, "memtrack_version": _version(), "command": command, "scope": scope,
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "setup": _setup(gt, ref, cfg, images), "labels": dict(LABEL_DESCRIPTIONS),
+            "setup": _setup(gt, ref, config, images), "labels": dict(LABEL_DESCRIPTIONS),
             "cases": _cases_block(gt), "detectors": {}, "not_measured": {}}
-    thresholds = thresholds_block(list(outputs_seen.values()), cfg)
+    thresholds = thresholds_block(list(outputs_seen.values()), config)
     for name, out in outputs_seen.items():
         card["detectors"][name] = _detector_entry(name, out, thresholds.get(name, {}), gt, verdicts[name])
-    card["not_measured"] = not_measured(card["detectors"], [s.name for s in cfg.index.embedders])
+    card["not_measured"] = not_measured(card["detectors"], list(ref.spaces))
     return json_safe(card)
 
 
@@ -204,11 +211,11 @@ def not_measured(detectors: dict, spaces: Sequence[str]) -> dict:
 def _setup(gt: GroundTruth, ref, cfg: Config, images: str) -> dict:
     identities = sorted({t.source.identity for t in gt.train if t.source.identity})
     spaces = {n: {k: v for k, v in s.items() if k not in ("search_params",)} for n, s in ref.summary()["spaces"].items()}
-    return {"resolution": gt.resolution, "n_train": len(gt.train),
+    return {"resolution": gt.resolution, "n_train": ref.n_train, "n_sources": len(gt.train),
             "n_duplicated": sum(t.duplicate_of is not None for t in gt.train),
             "n_faces": sum(t.source.identity is not None for t in gt.train), "identities": identities,
             "n_cases": len(gt.cases), "seed": gt.seed, "images": images,
-            "embedders": [{"name": s.name, "options": dict(s.options)} for s in cfg.index.embedders],
+            "embedders": [{"name": n, "options": dict(sp.info.get("options", {}))} for n, sp in ref.spaces.items()],
             "spaces": spaces, "detectors_config": cfg.to_dict()["detectors"], "index_k": cfg.index.k}
 
 
@@ -225,3 +232,84 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+# ------------------------------------------------------------------------------------ a user's own index
+
+INDEX_CARD = "detector_card.json"      # the card of an index, in its folder (``memtrack index build --card``)
+INDEX_CARD_IMAGES = 16
+INDEX_CASE_TYPES = ("exact", "hflip", "crop_center", "crop_offset", "shift_2px", "jpeg_q75", "noise_0.05", "jitter",
+                    "blend", "face_augmented", "morph")
+
+
+def record_identities(ref) -> dict[int, str]:
+    """Training-record row -> identity name of its best face, from the index's face space (empty without one)."""
+    if "face" not in ref.spaces or "identity" not in ref.manifest:
+        return {}
+    names = ref.manifest["identity"].get("names", [])
+    ids = ref.space_array("face", "identity")
+    out: dict[int, str] = {}
+    for row, ident in zip(np.asarray(ref.spaces["face"].rows).tolist(), np.asarray(ids).tolist()):
+        if 0 <= ident < len(names):
+            out.setdefault(int(row), str(names[ident]))
+    return out
+
+
+def pick_records(n_train: int, identities: dict[int, str], max_images: int) -> list[int]:
+    """Up to ``max_images`` rows: faces first (round-robin over identities, at most half), then the rest
+    evenly spaced through the training set."""
+    by_person: dict[str, list[int]] = {}
+    for row, name in sorted(identities.items()):
+        by_person.setdefault(name, []).append(row)
+    faces: list[int] = []
+    queues = [list(v) for v in by_person.values()]
+    while queues and len(faces) < max_images // 2:
+        queues = [q for q in queues if q]
+        for q in queues:
+            if q and len(faces) < max_images // 2:
+                faces.append(q.pop(0))
+    rest = [r for r in range(n_train) if r not in identities]
+    take = max_images - len(faces)
+    if take > 0 and rest:
+        rest = [rest[int(i)] for i in np.unique(np.linspace(0, len(rest) - 1, min(take, len(rest))).round())]
+    return faces + rest[:max(0, take)]
+
+
+def index_card(ref, config: Config | None = None, *, max_images: int = INDEX_CARD_IMAGES,
+               case_types: Sequence[str] = INDEX_CASE_TYPES, seed: int = 0) -> dict:
+    """A card measured on the index's own training images, judged against the index itself.
+
+    Up to ``max_images`` training images (faces first) are turned into the cases of ``case_types``; every
+    case is judged by the index's embedders and the detectors, as a scan would judge a generated image.
+    What it cannot hold: duplicated images and novel images (no held-out set is known), so its negatives
+    are blends (and morphs for the copy detectors). Cost: about ``max_images x len(case_types)`` images
+    through ``Tracker.assess``.
+    """
+    from .data import open_image
+    from .embedders.pixel import to_square
+    from .tracker import embedders_for
+    from .card_cases import Source, ground_truth
+
+    cfg = config or Config()
+    identities = record_identities(ref)
+    rows = pick_records(ref.n_train, identities, max_images)
+    sources = [Source(Path(ref.records[r].id).stem, open_image(ref.records[r].path), identities.get(r),
+                      ref.records[r].id) for r in rows]
+    pixel = ref.spaces["pixel"].fingerprint if "pixel" in ref.spaces else {}
+    res = int(pixel.get("resolution", 64))
+    prepare = (lambda im: to_square(im, res, pixel.get("crop", "center"), pixel.get("resample", "bicubic")))
+    gt = ground_truth(sources, resolution=res, duplicates=0, case_types=list(case_types), seed=seed, prepare=prepare)
+    embedders = embedders_for(ref, Config())
+    return judge_card(gt, ref, embedders, cfg, scope="index",
+                      images=f"{len(sources)} of this index's {ref.n_train} training images "
+                             f"({sum(s.identity is not None for s in sources)} faces)",
+                      command="memtrack index build ... --card")
+
+
+def read_index_card(path: str | Path) -> dict | None:
+    """The card stored in an index folder, or None when there is none (or it cannot be read)."""
+    try:
+        card = json.loads((Path(path) / INDEX_CARD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) and isinstance(card.get("detectors"), dict) else None

@@ -51,6 +51,7 @@ class Source:
     name: str
     image: Image.Image
     identity: Optional[str] = None
+    file_name: Optional[str] = None   # the training image's id (default ``<name>.png``)
 
 
 @dataclass
@@ -207,10 +208,16 @@ def default_case_types() -> list[str]:
 # ------------------------------------------------------------------------------------ building
 
 
-def training_set(train: Sequence[Source], resolution: int, duplicates: int, seed: int = 0) -> list[TrainImage]:
-    """The training images at ``resolution``; the first ``duplicates`` non-face ones get a noisy twin."""
+def training_set(train: Sequence[Source], resolution: int, duplicates: int, seed: int = 0,
+                 prepare: Callable | None = None) -> list[TrainImage]:
+    """The training images at ``resolution``; the first ``duplicates`` non-face ones get a noisy twin.
+
+    ``prepare(image) -> image`` turns a photograph into the training image (default: the pixel embedder's
+    preprocessing, :func:`memtrack.embedders.pixel.to_square`).
+    """
     rng = np.random.default_rng([seed, 1])
-    out = [TrainImage(f"{s.name}.png", to_square(s.image, resolution), s) for s in train]
+    prepare = prepare or (lambda im: to_square(im, resolution))
+    out = [TrainImage(s.file_name or f"{s.name}.png", prepare(s.image), s) for s in train]
     scenes = [t for t in out if t.source.identity is None]
     for t in scenes[:max(0, duplicates)]:
         out.append(TrainImage(f"{t.source.name}__dup.png", add_noise(t.image, DUPLICATE_SIGMA, rng), t.source,
@@ -220,7 +227,7 @@ def training_set(train: Sequence[Source], resolution: int, duplicates: int, seed
 
 def ground_truth(train: Sequence[Source], novel: Sequence[Source] = (), others: Sequence[Source] = (), *,
                  resolution: int = 32, duplicates: int = 2, case_types: Sequence[str] | None = None,
-                 seed: int = 0) -> GroundTruth:
+                 seed: int = 0, prepare: Callable | None = None) -> GroundTruth:
     """The card's training set and labelled cases (see the module docstring).
 
     Args:
@@ -231,12 +238,13 @@ def ground_truth(train: Sequence[Source], novel: Sequence[Source] = (), others: 
         duplicates: how many non-face training images are present twice (second copy: noise sigma 0.01).
         case_types: which :data:`CASE_TYPES` to make (default all); unknown names raise ``ValueError``.
         seed: seeds every random draw (noise, jitter, augmentation).
+        prepare: photograph -> training image (default: shorter side to ``resolution``, centre crop).
     """
     kinds = list(case_types) if case_types is not None else default_case_types()
     unknown = [k for k in kinds if k not in CASE_TYPES]
     if unknown:
         raise ValueError(f"unknown case types {unknown}; known: {', '.join(CASE_TYPES)}")
-    images = training_set(train, resolution, duplicates, seed)
+    images = training_set(train, resolution, duplicates, seed, prepare)
     gt = GroundTruth(resolution, images, seed=seed)
     originals = [t for t in images if t.duplicate_of is None]
     for kind in kinds:

@@ -276,3 +276,30 @@ def test_package_card_covers_every_built_in_detector():
         assert entry["label"] == label_of(name)
     assert card["detectors"]["nn_ratio"]["cases"]["exact"]["recall"]["value"] == 1.0
     assert card["setup"]["resolution"] == 32 and card["setup"]["n_train"] >= 50
+
+
+def test_index_build_card_is_measured_on_the_users_images_and_reaches_summary_and_report(tmp_path, train_dir):
+    from memtrack.card import read_index_card
+    from memtrack.cli import main
+    from memtrack.index import ReferenceIndex
+    from memtrack.report.summary import build_summary
+    from memtrack.store import RunStore
+
+    ref_dir = tmp_path / "ref"
+    assert main(["index", "build", str(train_dir), "--out", str(ref_dir), "--resolution", "16", "--card"]) == 0
+    card = read_index_card(ref_dir)
+    assert card["scope"] == "index" and card["setup"]["n_train"] == 6 and card["setup"]["resolution"] == 16
+    exact = card["detectors"]["nn_ratio"]["cases"]["exact"]
+    assert (exact["n"], exact["tp"], exact["wrong_match"]) == (6, 6, 0)  # each image's own copy, matched to it
+    assert card["cases"]["blend"]["positives"]["copy"] == 0 and "novel" not in card["cases"]
+    json.dumps(card, allow_nan=False)
+    store = RunStore.open(tmp_path / "run")
+    try:
+        summary = build_summary(store, tmp_path / "run", ReferenceIndex.open(ref_dir))
+    finally:
+        store.close()
+    assert summary["detector_card"] == card
+    summary["thresholds"] = {"nn_ratio": {"value": 1 / 3}}
+    sec = _card_section(render_html(summary, []))
+    assert "Measured on this run&#x27;s own index" in sec and "nn_ratio: sees exact" in sec
+    assert read_index_card(tmp_path) is None  # no card file: nothing, not an error

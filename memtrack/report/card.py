@@ -112,13 +112,21 @@ def describe(name: str, entry: dict, cases: dict) -> str:
 
 
 def provenance(card: dict) -> str:
+    """Where the card's numbers come from, in one or two sentences."""
     s = card.get("setup") or {}
-    n_cases = s.get("n_cases", "?")
+    version = card.get("memtrack_version", "?")
+    if card.get("scope") == "index":
+        return (f"Measured on this run's own index: {s.get('n_cases', '?')} labelled cases made at "
+                f"{s.get('resolution', '?')} px from {s.get('images') or 'its training images'}, judged against "
+                f"the index itself by memtrack {version} (memtrack index build --card). It holds no duplicated or "
+                "held-out images: its negatives are blends and morphs.")
     return (f"Measured on {s.get('n_train', '?')} training images at {s.get('resolution', '?')} px "
             f"({s.get('n_duplicated', 0)} held twice, {s.get('n_faces', 0)} faces of "
-            f"{len(s.get('identities') or [])} people) and {n_cases} labelled cases, through the same "
-            f"embed-search-detect path a scan uses, by memtrack {card.get('memtrack_version', '?')}"
-            + (f" with `{card['command']}`" if card.get("command") else "") + ".")
+            f"{len(s.get('identities') or [])} people) and {s.get('n_cases', '?')} labelled cases, through the same "
+            f"embed-search-detect path a scan uses, by memtrack {version}"
+            + (f" with `{card['command']}`" if card.get("command") else "")
+            + ". These are real photographs, not your training set: build the index with `--card` to measure the "
+              "detectors on your own images.")
 
 
 def mismatches(card: dict, summary: dict, detectors: list[str]) -> list[str]:
