@@ -186,9 +186,9 @@ def _usable(embedders: list[str], resolution: int) -> list[str]:
 
 def _images_sentence(args, train, novel, others) -> str:
     faces = [s.name for s in train if s.identity]
+    people = f", {len(faces)} face chips of 2 people (the demo: astronaut, grace_hopper)" if faces else ""
     return (f"{len(train) - len(faces)} training scenes from scikit-image photographs ({', '.join(TRAIN_PHOTOS)}: "
-            f"whole and quartered){f', {len(faces)} face chips of 2 people (the demo: astronaut, grace_hopper)' if faces else ''}"
-            f"; {len(novel)} held-out images ({', '.join(NOVEL_PHOTOS + NOVEL_TEXTURES)})"
+            f"whole and quartered){people}; {len(novel)} held-out images ({', '.join(NOVEL_PHOTOS + NOVEL_TEXTURES)})"
             + (f"; {len(others)} other people from skimage.data.lfw_subset (25-px grayscale)" if others else ""))
 
 

@@ -18,6 +18,7 @@ Which label a detector answers: ``identity_leak*`` -> ``identity_leak``, ``ident
 """
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -110,7 +111,7 @@ def measure_card(gt: GroundTruth, embedders: Sequence[EmbedderSpec], config: Con
     from .embedders import get_embedder
     from .index import ReferenceIndex
 
-    cfg = config or Config()
+    cfg = copy.deepcopy(config) if config is not None else Config()  # the caller's config is left as it was
     cfg.index.embedders = list(embedders)
     work = Path(workdir)
     ds = read_dataset(write_training_folder(gt, work / "train"), cfg.data, show_progress=False)
@@ -210,7 +211,7 @@ def not_measured(detectors: dict, spaces: Sequence[str]) -> dict:
 
 def _setup(gt: GroundTruth, ref, cfg: Config, images: str) -> dict:
     identities = sorted({t.source.identity for t in gt.train if t.source.identity})
-    spaces = {n: {k: v for k, v in s.items() if k not in ("search_params",)} for n, s in ref.summary()["spaces"].items()}
+    spaces = {n: {k: v for k, v in sp.items() if k != "search_params"} for n, sp in ref.summary()["spaces"].items()}
     return {"resolution": gt.resolution, "n_train": ref.n_train, "n_sources": len(gt.train),
             "n_duplicated": sum(t.duplicate_of is not None for t in gt.train),
             "n_faces": sum(t.source.identity is not None for t in gt.train), "identities": identities,

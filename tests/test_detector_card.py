@@ -141,6 +141,30 @@ def test_a_detector_out_of_its_regime_shows_not_applicable(monkeypatch, capsys):
     assert re.search(r"adaptive_l2\s+exact\s+n/a\s+not applicable: fewer than 50 training images", out)
 
 
+def test_a_new_detector_or_variant_becomes_a_row(monkeypatch):
+    """Rows come from what ``assess`` returns: a variant registered after the card was written shows up."""
+    import copy as _copy
+
+    from memtrack.config import Config
+    from memtrack.tracker import Tracker
+
+    real = Tracker.assess
+
+    def assess(self, images, timings=None):
+        outs = real(self, images, timings)
+        variant = _copy.deepcopy(next(o for o in outs if o.name == "nn_ratio"))
+        variant.name, variant.flagged = "nn_ratio_variant", variant.flagged & False
+        return outs + [variant]
+
+    monkeypatch.setattr(Tracker, "assess", assess)
+    cfg = Config()
+    before = _copy.deepcopy(cfg.index.embedders)
+    _, card = _tiny_card(case_types=("exact",), config=cfg)
+    row = card["detectors"]["nn_ratio_variant"]
+    assert row["label"] == "copy" and row["cases"]["exact"]["fn"] == 3 and row["cases"]["exact"]["tp"] == 0
+    assert cfg.index.embedders == before  # the caller's config is not changed
+
+
 def _benchmark():
     spec = importlib.util.spec_from_file_location("detector_card_bench", ROOT / "benchmarks" / "detector_card.py")
     mod = importlib.util.module_from_spec(spec)
@@ -169,7 +193,8 @@ def test_face_cases_through_the_real_face_embedder():
     assert sorted({f.identity for f in faces}) == ["Eileen Collins", "Grace Hopper"]
     scenes = [Source(n, real_image(n)) for n in ("coffee", "chelsea")]
     gt = ground_truth(scenes + faces, [], resolution=32, duplicates=0, case_types=["exact", "morph"])
-    card = measure_card(gt, [EmbedderSpec("pixel", {"resolution": 32}), EmbedderSpec("face", {"align": "assume_aligned"})])
+    specs = [EmbedderSpec("pixel", {"resolution": 32}), EmbedderSpec("face", {"align": "assume_aligned"})]
+    card = measure_card(gt, specs)
     leak = card["detectors"]["identity_leak"]["cases"]["exact"]
     assert (leak["tp"], leak["fn"], leak["wrong_match"]) == (4, 0, 0)
     interp = card["detectors"]["identity_interpolation"]
@@ -263,7 +288,8 @@ def test_package_card_covers_every_built_in_detector():
 
     text = report_card.PACKAGE_CARD.read_text()
     card = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
-    assert card["command"].startswith("python benchmarks/detector_card.py") and "--write-package-card" in card["command"]
+    assert card["command"].startswith("python benchmarks/detector_card.py")
+    assert "--write-package-card" in card["command"]
     assert card["memtrack_version"] and card["generated_at"] and card["card_version"] == 1
     measured, skipped = card["detectors"], card["not_measured"]
     for name in list_detectors():

@@ -138,7 +138,8 @@ def mismatches(card: dict, summary: dict, detectors: list[str]) -> list[str]:
         notes.append(f"This run's pixel space is {pixel['resolution']} px; the card was measured at {card_res} px.")
     ths = summary.get("thresholds") or {}
     for det in detectors:
-        ran, measured = (ths.get(det) or {}).get("value"), ((card.get("detectors") or {}).get(det) or {}).get("threshold")
+        ran = (ths.get(det) or {}).get("value")
+        measured = ((card.get("detectors") or {}).get(det) or {}).get("threshold")
         if isinstance(ran, (int, float)) and isinstance(measured, (int, float)) and abs(ran - measured) > 1e-9:
             notes.append(f"{det} ran with threshold {ran:.3g}; the card measured it at {measured:.3g}.")
     ver = summary.get("memtrack_version")
