@@ -282,6 +282,12 @@ def test_without_its_own_card_the_report_uses_the_package_card():
     assert f"by memtrack {pkg['memtrack_version']}" in sec and "nn_ratio: sees exact" in sec
 
 
+def test_a_missing_package_card_is_said_not_hidden(monkeypatch, tmp_path):
+    monkeypatch.setattr(report_card, "PACKAGE_CARD", tmp_path / "gone.json")
+    sec = _card_section(render_html(_summary(("nn_ratio",)), []))
+    assert "No detector card is available" in sec and "--write-package-card" in sec
+
+
 def test_package_card_covers_every_built_in_detector():
     """Regenerate with `python benchmarks/detector_card.py --write-package-card` when a detector is added."""
     from memtrack.detectors import list_detectors

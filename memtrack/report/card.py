@@ -7,8 +7,8 @@ scan uses, and shipped with the package as ``detector_card.json`` beside this mo
 its own card (``summary["detector_card"]``, same schema), which then takes precedence. Nothing here opens
 an index or a model: the report reads summary.json and package data only.
 
-Pure functions: dicts in, strings out; every string that came from data is escaped by the caller's
-markup helpers (:func:`memtrack.report.markup.esc`, :func:`memtrack.report.markdown.md`).
+Pure functions: dicts in, strings out. :func:`card_html` and :func:`card_markdown` escape every string that
+came from data (:func:`memtrack.report.markup.esc`, :func:`memtrack.report.markdown.md`).
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ PACKAGE_CARD = Path(__file__).with_name("detector_card.json")
 SEES, MISSES, FALSE_ALARM = 0.9, 0.1, 0.05   # recall >= SEES: sees; <= MISSES: misses; FPR >= FALSE_ALARM: alarms
 
 
-def load_package_card(path: Path = PACKAGE_CARD) -> dict | None:
+def load_package_card(path: Path | None = None) -> dict | None:
     """The card shipped with memtrack, or None when it is missing or unreadable (the report says so)."""
+    path = path or PACKAGE_CARD
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -124,8 +125,8 @@ def provenance(card: dict) -> str:
             f"({s.get('n_duplicated', 0)} held twice, {s.get('n_faces', 0)} faces of "
             f"{len(s.get('identities') or [])} people) and {s.get('n_cases', '?')} labelled cases, through the same "
             f"embed-search-detect path a scan uses, by memtrack {version}"
-            + (f" with `{card['command']}`" if card.get("command") else "")
-            + ". These are real photographs, not your training set: build the index with `--card` to measure the "
+            + (f" with: {card['command']}" if card.get("command") else "")
+            + ". These are real photographs, not your training set: build the index with --card to measure the "
               "detectors on your own images.")
 
 
@@ -157,7 +158,7 @@ def card_view(summary: dict) -> dict | None:
     if card is None:
         return {"detectors": [], "rows": [], "sentences": [], "notes": [
             "No detector card is available (the package's detector_card.json is missing); regenerate it with "
-            "`python benchmarks/detector_card.py --write-package-card`."], "provenance": ""}
+            "python benchmarks/detector_card.py --write-package-card"], "provenance": ""}
     entries = card.get("detectors") or {}
     shown = [d for d in detectors if d in entries]
     cases = card.get("cases") or {}
