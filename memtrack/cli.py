@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-dir", help="embed shard by shard into this folder; rerun the same command to resume")
     b.add_argument("--card", action="store_true",
                    help="also measure the detector card on 16 of these training images (copies, flips, crops, "
-                        "blends, morphs) and store it in the index; reports show it (at most ~160 extra images through the detectors)")
+                        "blends, morphs; at most ~160 images through the detectors) and store it in the index; "
+                        "reports show it")
     info = isub.add_parser("info", help="describe an index")
     info.add_argument("index")
     info.add_argument("--json", action="store_true")
