@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from .errors import ConfigError, MemtrackError
-from .utils import to_json
+from .utils import atomic_write_json, to_json
 
 EPILOG = """\
 examples:
@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the script's --image_interpolation_mode (default bilinear)")
     b.add_argument("--add", action="store_true", help="add DATA to the existing index at --out (no rebuild)")
     b.add_argument("--shard-dir", help="embed shard by shard into this folder; rerun the same command to resume")
+    b.add_argument("--card", action="store_true",
+                   help="also measure the detector card on 16 of these training images (copies, flips, crops, "
+                        "blends, morphs; at most ~160 images through the detectors) and store it in the index; "
+                        "reports show it")
     info = isub.add_parser("info", help="describe an index")
     info.add_argument("index")
     info.add_argument("--json", action="store_true")
@@ -210,6 +214,8 @@ def cmd_index_build(args) -> int:
             print(to_json(_index_info(ref), indent=2))
         else:
             _print_index(_index_info(ref))
+        if args.card:
+            _write_index_card(ref, cfg, quiet=args.json)
         return 0
     embedders = [get_embedder(spec) for spec in cfg.index.embedders]
     ds = read_dataset(args.data, cfg.data, show_progress=state is None or state.is_main_process)
@@ -223,7 +229,17 @@ def cmd_index_build(args) -> int:
     else:
         print(f"indexed {ref.n_train} training images from {args.data} into {args.out}")
         _print_index(info)
+    if args.card:
+        _write_index_card(ref, cfg, quiet=args.json)
     return 0
+
+
+def _write_index_card(ref, cfg, quiet: bool = False) -> None:
+    from .card import INDEX_CARD, index_card
+
+    atomic_write_json(Path(ref.path) / INDEX_CARD, index_card(ref, cfg))
+    if not quiet:
+        print(f"wrote the detector card of {ref.path} ({INDEX_CARD}); reports of runs scanned against it show it")
 
 
 def _add_config(ref, args):

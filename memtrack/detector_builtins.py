@@ -63,9 +63,12 @@ def _tiled_regime(space: str, ev: SpaceEvidence, cfg) -> str | None:
 
 def _adaptive_regime(space: str, ev: SpaceEvidence, cfg) -> str | None:
     n = cfg.adaptive_n
-    if ev.n_rows is not None and ev.n_rows < n:
+    need = max(n, cfg.adaptive_min_train)
+    if ev.n_rows is not None and ev.n_rows < need:
         return (f"adaptive_l2 normalises by the mean distance to the n = {n} nearest training images (Carlini et al. "
-                f"2023); this training set has {ev.n_rows}")
+                f"2023, on CIFAR-10's 50,000); with fewer than {need:,} training images that neighbourhood is most "
+                f"of the set and novel images are flagged too (detectors.adaptive_min_train); this training set "
+                f"has {ev.n_rows}")
     lists = ev.extra.get("train_neighbours")
     if lists is None:
         return _needs_lists(space, ev, cfg)
@@ -92,7 +95,8 @@ register_detector("adaptive_l2", "pixel",
                   "nearest) <= 1", citation=CARLINI + ", Section 5.1 (CIFAR-10)", check=_adaptive_regime,
                   provenance=Provenance("published", ("adaptive_alpha", "adaptive_n"), CARLINI + ", Section 5.1",
                                         "alpha = 0.5, n = 50, flagged when <= 1, as in the paper"),
-                  regime="at least n = 50 training images (the mean runs over the matched image's 50 nearest)")
+                  regime="at least detectors.adaptive_min_train (1,000) training images, so that the matched image's n = 50 "
+                         "nearest are a small neighbourhood, as on CIFAR-10 in the paper")
 # ------------------------------------------------------------------------------ copy scores, per descriptor
 
 #: fewer training images than this give no meaningful train->train quantile to calibrate a copy threshold on

@@ -75,9 +75,22 @@ def test_adaptive_l2_needs_the_lists_to_reach_n(eight):
     ref, cfg = eight
     ev = SpaceEvidence("l2", np.zeros((1, 3 * 32 * 32), np.float32), np.zeros((1, 2), np.int64),
                        np.zeros((1, 2, 3 * 32 * 32), np.float32), (3, 32, 32),
-                       {"train_neighbours": (np.zeros((60, 9), np.int64), np.ones((60, 9)))}, n_rows=60)
+                       {"train_neighbours": (np.zeros((1000, 9), np.int64), np.ones((1000, 9)))}, n_rows=1000)
     out = {o.name: o for o in run_detectors({"pixel": ev}, DetectorsConfig())}["adaptive_l2"]
     assert not out.applicable and "index.baseline_k >= 49" in out.reason
+
+
+def test_adaptive_l2_below_adaptive_min_train_is_not_applicable(eight):
+    """58 training images (the detector card's set) are >= n = 50 but the neighbourhood is most of the set:
+    the card measured 84% false positives on novel images there, so memtrack needs adaptive_min_train."""
+    lists = (np.zeros((58, 60), np.int64), np.ones((58, 60)))
+    ev = SpaceEvidence("l2", np.zeros((1, 3 * 32 * 32), np.float32), np.zeros((1, 2), np.int64),
+                       np.zeros((1, 2, 3 * 32 * 32), np.float32), (3, 32, 32), {"train_neighbours": lists}, n_rows=58)
+    out = {o.name: o for o in run_detectors({"pixel": ev}, DetectorsConfig())}["adaptive_l2"]
+    assert not out.applicable and "fewer than 1,000 training images" in out.reason
+    cfg = DetectorsConfig(adaptive_min_train=50)
+    ok = {o.name: o for o in run_detectors({"pixel": ev}, cfg)}["adaptive_l2"]
+    assert ok.applicable
 
 
 # -------------------------------------------------------------------------------------------- tiled

@@ -56,7 +56,8 @@ def section_ids(page: str) -> set[str]:
 
 def test_sections_in_reading_order(page):
     ids = [a["id"] for t, a in tags_of(page) if t == "section"]
-    assert ids == ["verdict", "latest", "curves", "matches", "identities", "trajectories", "distributions", "setup"]
+    assert ids == ["verdict", "latest", "curves", "matches", "identities", "trajectories", "distributions", "card",
+                   "setup"]
 
 
 def test_onset_summary_comes_first_in_plain_words(page):
@@ -158,7 +159,7 @@ def test_missing_sections_are_omitted():
         "nn_ratio": {"rate": 0.0, "ci_low": 0.0, "ci_high": 0.32, "count": 0, "n": 8}}}],
          "onset": {"nn_ratio": {"step": None, "between": None}}}
     page = render_html(s, [])
-    assert section_ids(page) == {"verdict", "latest", "curves", "setup"}
+    assert section_ids(page) == {"verdict", "latest", "curves", "card", "setup"}
     assert "No onset detected for any metric through step 100." in page
     assert 'href="#matches"' not in page and 'href="#trajectories"' not in page
     assert "Recommended" not in page and "Since" not in page

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 
+from .card import card_html
 from .html_charts import curves_section, distributions_section, run_names, trajectories_section
 from .html_gallery import identities_section, matches_section
 from .html_probes import probes_section
@@ -42,6 +43,7 @@ def render_html(summary: dict, gallery: list[dict], *, runs: list[dict] | None =
         ("trajectories", trajectories_section(summary)),
         ("probes", probes_section(summary)),
         ("distributions", distributions_section(summary)),
+        ("card", card_html(summary)),
         ("setup", _setup(summary)),
     ]
     present = [anchor for anchor, part in sections if part]
@@ -83,7 +85,7 @@ def _header(summary: dict, runs: list[dict], present: list[str]) -> Raw:
 
 _NAV = {"verdict": "Summary", "latest": "Latest", "runs": "Runs", "curves": "Curves", "matches": "Matches",
         "identities": "Identities", "trajectories": "Trajectories", "probes": "Probes", "distributions": "Distributions",
-        "setup": "Set-up"}
+        "card": "Detector card", "setup": "Set-up"}
 
 
 def _verdict(summary: dict) -> Raw:

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from ..utils import atomic_write_bytes
+from .card import card_markdown
 from .html_charts import run_names
 from .markup import image_mime
 from .series import series_lines
@@ -56,6 +57,7 @@ def render_markdown(summary: dict, gallery: list[dict], out_dir: Path, *, runs: 
     if chart:
         parts.append(f"![Rates over training steps with 95% intervals and onsets]({chart})")
     parts.append(_matches(summary, gallery or [], out_dir))
+    parts.append(card_markdown(summary))
     return "\n\n".join(p for p in parts if p).replace("\n\n\n", "\n\n").rstrip() + "\n"
 
 

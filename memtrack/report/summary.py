@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import __version__
+from ..card import read_index_card
 from ..config import Config, from_dict
 from ..data import open_image
 from ..dynamics import last_clean_checkpoint, match_table, onsets, png_bytes_per_pixel, trajectories, which_images
@@ -81,6 +82,9 @@ def build_summary(store: RunStore, run_dir: str | Path, index: ReferenceIndex | 
     if index is not None:
         summary["dataset"] = dict(index.manifest.get("dataset", {}))
         summary["baseline"] = _baseline_block(index)
+        card = read_index_card(index.path)  # measured on this index's own images (index build --card)
+        if card is not None:
+            summary["detector_card"] = card
     transform = store.get_meta("training_transform")  # the run's transform and where it was read
     if transform is not None and isinstance(summary["index"], dict):
         summary["index"] = {**summary["index"], "training_transform": transform}
