@@ -134,3 +134,13 @@ def memorized(tmp_path_factory):
     out = train_memorizing_run(tmp_path_factory.mktemp("memorized"))
     out.index = build_index(out.data, out.run.parent / "ref", MEMORIZING_RECIPE["resolution"])
     return out
+
+
+@pytest.fixture()
+def copycat_sampling(monkeypatch):
+    """Copycat checkpoints sample as copycats in this process, through memtrack's own builder registry."""
+    import memtrack.sampling as sampling
+    from memorizing import copycat_builder
+
+    # the registry has no public "get": read the built-in builder so that other checkpoints still load
+    monkeypatch.setitem(sampling._BUILDERS, "unet", copycat_builder(sampling._BUILDERS["unet"]))

@@ -133,6 +133,18 @@ def write_copycat_run(run: Path, schedule: dict[int, int], train_dir: Path, *, k
     return run
 
 
+def copycat_builder(fallback):
+    """A pipeline builder for the ``unet`` checkpoint kind: the copycat where ``unet/copycat.json`` says so,
+    else ``fallback`` (memtrack's own builder). Registered by the ``copycat_sampling`` fixture, it makes
+    ``memtrack scan``, ``watch`` and ``launch`` sample copycat checkpoints in this process."""
+
+    def build(ck, cfg, run_dir):
+        if (Path(ck.weights) / COPYCAT_FILE).is_file():
+            return CopycatPipeline.for_checkpoint(ck)
+        return fallback(ck, cfg, run_dir)
+    return build
+
+
 def copycat_tracker(run: Path, index: Path, *, num_samples: int = 16, store_dir: Path | None = None,
                     overrides: dict | None = None):
     """A :class:`~memtrack.tracker.Tracker` for a copycat run (one denoising step: the copycat ignores it)."""

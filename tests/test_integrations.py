@@ -279,7 +279,7 @@ def test_tracker_step_follows_the_cadence(tmp_path, pixel_index):
     tracker.close()
 
 
-def test_watch_once_cli_and_stop_on_gate(tmp_path, pixel_index, train_dir, capsys):
+def test_watch_once_cli_and_stop_on_gate(tmp_path, pixel_index, train_dir, copycat_scanned, capsys):
     from memtrack.integrations.launch import _ending, _tripped
 
     run = tmp_path / "run"
@@ -294,9 +294,12 @@ def test_watch_once_cli_and_stop_on_gate(tmp_path, pixel_index, train_dir, capsy
     assert "stored earlier" in capsys.readouterr().out
     assert len(rows(run)) == 2
 
-    with RunStore.open(run) as store:
-        assert _tripped(store, run, ["nn_ratio.rate >= 0"]).startswith("nn_ratio.rate >= 0")
-        assert _tripped(store, run, ["nn_ratio.rate > 0.5"]) is None
+    # the stop-on check on a store whose latest checkpoint has 8/16 near-copies (onset at step 300)
+    with RunStore.open(copycat_scanned) as store:
+        assert _tripped(store, copycat_scanned, ["nn_ratio.rate >= 0.5"]) == "nn_ratio.rate >= 0.5 (observed 0.5)"
+        assert _tripped(store, copycat_scanned, ["nn_ratio.rate > 0.5", "tiled_l2.onset == null"]) is None
+        assert _tripped(store, copycat_scanned, ["nn_ratio.rate > 0.5", "tiled_l2.onset >= 300"]) == \
+            "tiled_l2.onset >= 300 (observed 300)"
     sleeper = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
     ended = _ending(sleeper, ["nn_ratio.rate >= 0 (observed 0.0)"], None, [])
     assert ended.exit_code == 1 and ended.gate and sleeper.returncode == -15

@@ -178,3 +178,38 @@ def test_a_trained_memorizing_model_is_caught_by_scan_report_and_gates(memorized
     names = {p.name for p in memorized.data.glob("*.png")}
     assert cards and {c["train_id"] for c in cards} <= names
     assert main(["report", run, "--out", str(out), "--quiet", "--fail-on", "nn_ratio.rate > 0.99"]) == 0
+
+
+# ------------------------------------------------------------------------------ the CLI on copycat runs
+
+
+def test_memtrack_scan_of_a_copycat_run_through_the_cli(copycat_run, pixel_index, copycat_sampling, capsys):
+    assert main(["scan", str(copycat_run), "--index", str(pixel_index), "--num-samples", str(N), "--steps", "1",
+                 "--json"]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [ln["step"] for ln in lines] == STEPS
+    assert [ln["metrics"]["nn_ratio"]["count"] for ln in lines] == [COPYCAT_SCHEDULE[s] for s in STEPS]
+    assert [ln["metrics"]["tiled_l2"]["count"] for ln in lines] == [COPYCAT_SCHEDULE[s] for s in STEPS]
+
+
+@pytest.mark.timeout(240)
+def test_launch_stops_training_when_the_copy_rate_crosses_a_stop_on_gate(tmp_path, train_dir, pixel_index,
+                                                                        copycat_sampling):
+    import signal
+    import sys
+    from pathlib import Path
+
+    from memtrack.integrations.launch import launch
+
+    template = write_copycat_run(tmp_path / "template", {100: 0, 200: 0, 300: 4, 400: 8, 500: 8}, train_dir)
+    out = tmp_path / "run"
+    script = Path(__file__).parent / "scripts" / "copy_checkpoints.py"
+    cmd = [sys.executable, str(script), "--source", str(template), "--output_dir", str(out), "--interval", "0.5",
+           "--linger", "120"]
+    over = {"sampling.num_samples": N, "sampling.num_inference_steps": 1, "tracking.quiet_period_s": 0.2,
+            "tracking.poll_interval_s": 0.1}
+    res = launch(cmd, index=pixel_index, overrides=over, stop_on=["nn_ratio.rate >= 0.25"])
+    assert res.exit_code == 1 and res.gate == "nn_ratio.rate >= 0.25 (observed 0.25)"
+    assert res.training_code == -signal.SIGTERM                 # stopped, not left to linger for two minutes
+    evaluated = [(r.checkpoint, r.metrics["nn_ratio"]["count"]) for r in res.results]
+    assert evaluated == [("checkpoint-100", 0), ("checkpoint-200", 0), ("checkpoint-300", 4)]
