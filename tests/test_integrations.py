@@ -466,7 +466,21 @@ def _hashes(tracker, ck) -> list[str]:
     return [s["sha256"] for s in tracker.store.samples(ev.id)]
 
 
+def _trained_text_encoder(base: Path):
+    """The base's text encoder with its weights moved (seeded): what DreamBooth's --train_text_encoder saves."""
+    import torch
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    return encoder
+
+
 def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd):
+    import torch
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -475,7 +489,7 @@ def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd
     run = tmp_path / "run"
     ck_dir = run / "checkpoint-5"
     tiny_cond_unet(1).save_pretrained(ck_dir / "unet")
-    CLIPTextModel.from_pretrained(tiny_sd / "text_encoder").save_pretrained(ck_dir / "text_encoder")
+    _trained_text_encoder(tiny_sd).save_pretrained(ck_dir / "text_encoder")  # DreamBooth trained it too
     (ck_dir / "random_states_0.pkl").write_bytes(b"x")
     StableDiffusionPipeline.from_pretrained(tiny_sd).save_pretrained(run)  # the final pipeline = the base
     cks = discover(run)
@@ -490,7 +504,29 @@ def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd
     samples = tracker.store.samples(tracker.store.find("checkpoint-5", tracker.eval_key(cks[0])).id)
     assert [s["prompt"] for s in samples] == [captions[0]] * 2 + [captions[1]] * 2
     assert _hashes(tracker, cks[0]) != _hashes(tracker, cks[1])   # the checkpoint's own UNet was used
+    trained = _hashes(tracker, cks[0])
+    # the text encoder saved with the checkpoint is the one that samples: memtrack's pipeline holds its weights
+    from memtrack.sampling import load_pipeline
+
+    saved = CLIPTextModel.from_pretrained(ck_dir / "text_encoder").state_dict()
+    used = load_pipeline(cks[0], tracker.config.sampling, run).text_encoder.state_dict()
+    assert saved.keys() == used.keys() and all(torch.equal(saved[k], used[k]) for k in saved)
     tracker.close()
+    # ... and it shows in the samples: the same UNet with the base's text encoder (saved in the checkpoint
+    # or not) draws other images, and the two base-encoder checkpoints draw the same ones
+    twin = tmp_path / "twin"
+    for name, encoder in (("checkpoint-5", None), ("checkpoint-6", CLIPTextModel.from_pretrained(tiny_sd / "text_encoder"))):
+        tiny_cond_unet(1).save_pretrained(twin / name / "unet")
+        if encoder is not None:
+            encoder.save_pretrained(twin / name / "text_encoder")
+        (twin / name / "random_states_0.pkl").write_bytes(b"x")
+    tw = _t2i_tracker(pixel_index, twin, tiny_sd, store_dir=tmp_path / "twin-db")
+    twin_cks = discover(twin, include_final=False)
+    assert [c.text_encoder is not None for c in twin_cks] == [False, True]
+    assert [tw.evaluate(c).skipped for c in twin_cks] == [False, False]
+    without, with_base = (_hashes(tw, c) for c in twin_cks)
+    tw.close()
+    assert without == with_base and trained != without
 
     db = _t2i_tracker(pixel_index, run, tiny_sd, store_dir=tmp_path / "db", **{
         "sampling.prompts": "instance", "sampling.instance_prompt": "a photo of sks dog"})
