@@ -201,3 +201,53 @@ def test_known_bad_gates_change_no_report(gate, words, scanned, capsys):
     line = refused(capsys, main(["report", str(scanned), "--quiet", "--fail-on", gate]), "gate", "metric")
     assert words in line
     assert snapshot(scanned) == before  # report.html and summary.json not rewritten either
+
+
+# ------------------------------------------------------------------------------------ hostile run files
+
+
+def store_content(run: Path) -> list[str]:
+    """The store's rows, as SQL (its logical content: the same whatever pages sqlite rewrote)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{run / 'memtrack' / 'store.sqlite'}?mode=ro", uri=True) as conn:
+        return list(conn.iterdump())
+
+
+@pytest.mark.parametrize("text,words", [
+    ("{", "cannot read the run's scheduler config"),
+    ("[1]", "is not a scheduler config"),
+    ('{"num_train_timesteps": "abc"}', "cannot build a DDIMScheduler"),
+])
+def test_a_damaged_scheduler_config_stops_the_scan_and_keeps_what_is_stored(text, words, tmp_path, pixel_index,
+                                                                            capsys):
+    run = tmp_path / "run"
+    write_checkpoint(run, 10, seed=0)
+    scan = ["scan", str(run), "--index", str(pixel_index), "--num-samples", "2", "--steps", "1"]
+    assert main(scan) == 0
+    before, files = store_content(run), snapshot(run / "memtrack" / "thumbs", pixel_index)
+    write_checkpoint(run, 20, seed=1)                       # a new checkpoint, and a damaged run folder
+    (run / "scheduler").mkdir()
+    (run / "scheduler" / "scheduler_config.json").write_text(text)
+    capsys.readouterr()
+    line = refused(capsys, main(scan), "scheduler")
+    assert words in line
+    assert store_content(run) == before and snapshot(run / "memtrack" / "thumbs", pixel_index) == files
+
+
+def test_a_bad_training_set_leaves_no_index_behind(tmp_path, capsys):
+    data = write_training_set(tmp_path / "data", names=["coffee", "rocket"])
+    (data / "metadata.jsonl").write_text('{"file_name": "../outside.png"}\n')
+    before = snapshot(data)
+    code = main(["index", "build", str(data), "--out", str(tmp_path / "ref"), "--resolution", "16"])
+    assert "escapes the dataset folder" in refused(capsys, code, "metadata.jsonl")
+    assert not (tmp_path / "ref").exists() and snapshot(data) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temp folder either
+
+
+def test_an_error_quoting_a_multi_line_exception_is_one_line():
+    from memtrack.errors import MAX_MESSAGE, CheckpointError
+
+    exc = CheckpointError("cannot load x: linspace() got\n * (Tensor start)\n\n * (Number start)", hint="fix\nit")
+    assert exc.message == "cannot load x: linspace() got * (Tensor start) * (Number start)" and exc.hint == "fix it"
+    assert len(CheckpointError("y" * 10_000).message) == MAX_MESSAGE
