@@ -106,6 +106,15 @@ class CopycatPipeline:
             return im.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BILINEAR)
         return im.copy()
 
+    @property
+    def scheduler(self):
+        """A default DDIM scheduler: the copycat does not denoise, but callers may ask what samples."""
+        from diffusers import DDIMScheduler
+
+        if not hasattr(self, "_scheduler"):
+            self._scheduler = DDIMScheduler()
+        return self._scheduler
+
     def __call__(self, *, generator, num_inference_steps=None, output_type="pil", batch_size=None, **_):
         gens = generator if isinstance(generator, (list, tuple)) else [generator]
         seeds = [int(g.initial_seed()) for g in gens]
@@ -120,16 +129,22 @@ def write_copycat_run(run: Path, schedule: dict[int, int], train_dir: Path, *, k
                       sigma: float = 0.01, crop: float = 0.75, plan_seed: int = 0) -> Path:
     """A run with one ``checkpoint-<step>`` per ``schedule`` entry (step -> number of copies).
 
-    Each holds a real tiny UNet (``unet/``, seeded by its position, so fingerprints differ), the copycat
-    spec beside the weights, and ``random_states_0.pkl`` (complete, as accelerate leaves it).
+    Each holds a real tiny UNet (``unet/``), the copycat spec beside the weights, and
+    ``random_states_0.pkl`` (complete, as accelerate leaves it). The UNet is seeded by the checkpoint's
+    position and spec, so two checkpoints that sample differently never share weights (nor, whatever
+    memtrack hashes, an evaluation key).
     """
+    import hashlib
+
     from conftest import write_checkpoint
 
     for i, (step, copies) in enumerate(sorted(schedule.items())):
-        ck = write_checkpoint(run, step, seed=i)
         spec = {"train_dir": str(Path(train_dir).resolve()), "copies": int(copies), "kinds": list(kinds),
                 "sigma": sigma, "crop": crop, "plan_seed": plan_seed}
-        (ck / "unet" / COPYCAT_FILE).write_text(json.dumps(spec, indent=1))
+        text = json.dumps(spec, indent=1)
+        seed = int.from_bytes(hashlib.sha256(f"{i}:{text}".encode()).digest()[:4], "little") % (1 << 31)
+        ck = write_checkpoint(run, step, seed=seed)
+        (ck / "unet" / COPYCAT_FILE).write_text(text)
     return run
 
 

@@ -146,12 +146,14 @@ def test_gates_on_known_rates(copycat_scanned, capsys):
     assert "(observed 6)" in capsys.readouterr().err
 
 
-def test_copycat_schedule_changes_the_checkpoint_fingerprint(tmp_path, train_dir):
+def test_another_copycat_schedule_is_another_checkpoint(tmp_path, train_dir):
     from memtrack.checkpoints import discover
 
     a = discover(write_copycat_run(tmp_path / "a", {10: 0}, train_dir))[0]
     b = discover(write_copycat_run(tmp_path / "b", {10: 3}, train_dir))[0]
     assert (a.weights / "copycat.json").is_file() and a.fingerprint() != b.fingerprint()
+    weights = "diffusion_pytorch_model.safetensors"  # other schedules, other weights too
+    assert (a.weights / weights).read_bytes() != (b.weights / weights).read_bytes()
     assert CopycatPipeline.for_checkpoint(b).copies == 3
 
 
