@@ -515,7 +515,8 @@ def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd
     # ... and it shows in the samples: the same UNet with the base's text encoder (saved in the checkpoint
     # or not) draws other images, and the two base-encoder checkpoints draw the same ones
     twin = tmp_path / "twin"
-    for name, encoder in (("checkpoint-5", None), ("checkpoint-6", CLIPTextModel.from_pretrained(tiny_sd / "text_encoder"))):
+    base_encoder = CLIPTextModel.from_pretrained(tiny_sd / "text_encoder")
+    for name, encoder in (("checkpoint-5", None), ("checkpoint-6", base_encoder)):
         tiny_cond_unet(1).save_pretrained(twin / name / "unet")
         if encoder is not None:
             encoder.save_pretrained(twin / name / "text_encoder")

@@ -71,7 +71,8 @@ def test_other_formats(scanned, tmp_path, fmt, name):
 def test_gates_exit_codes(copycat_scanned, capsys):
     # a run whose latest checkpoint has 8/16 near-copies and whose copies began at step 300
     run = str(copycat_scanned)
-    assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate > 0.5", "--fail-on", "tiled_l2.onset == null"]) == 0
+    assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate > 0.5",
+                 "--fail-on", "tiled_l2.onset == null"]) == 0
     assert "gate tripped" not in capsys.readouterr().err
     assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate >= 0.5", "--fail-on", "nn_ratio.rate > 0.5",
                  "--fail-on", "tiled_l2.onset != null"]) == 1
