@@ -15,8 +15,6 @@ Hypothesis examples are few (tens), so the whole file takes seconds.
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import pytest
