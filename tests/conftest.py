@@ -126,8 +126,9 @@ def copycat_scanned(copycat_run, pixel_index) -> Path:
 def memorized(tmp_path_factory):
     """A really trained memorizing DDPM and its 8-px pixel index (tests/memorizing.py).
 
-    Training takes ~15 s of one core (600 steps; measured 15-16 s on a shared 2-core machine), the index
-    well under a second. ``.data``, ``.run``, ``.index``, ``.train_s``.
+    Training (600 steps on one torch thread) measured 15-20 s wall on a shared 2-core machine, 16.5 s as
+    this fixture in a full test run; the index well under a second. ``.data``, ``.run``, ``.index``,
+    ``.train_s`` (this session's training wall time).
     """
     from memorizing import MEMORIZING_RECIPE, build_index, train_memorizing_run
 
