@@ -8,12 +8,26 @@ for user input.
 from __future__ import annotations
 
 
+#: Longest message kept; an error quoting a library's exception can carry a whole page of it.
+MAX_MESSAGE = 600
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` on one line (whitespace runs, newlines included, become one space), at most ``limit`` chars."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."
+
+
 class MemtrackError(Exception):
-    """Base class. ``hint`` is one sentence telling the user what to do next."""
+    """Base class. ``message`` is one line naming the file or field; ``hint`` one sentence telling the
+    user what to do next. Both are kept to one line here: messages often quote another library's
+    exception (torch's, diffusers'), whose text can span many lines, and the CLI prints one error line."""
 
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
+        message = one_line(message)
+        hint = one_line(hint) if hint is not None else None
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -64,4 +78,5 @@ __all__ = [
     "StoreError",
     "GateError",
     "DependencyError",
+    "one_line",
 ]

@@ -96,3 +96,52 @@ def tiny_run(tmp_path) -> Path:
 
 def images_close(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+# ------------------------------------------------------------------------------ models that memorize
+
+#: The copycat fixture's schedule: checkpoint step -> copies among 16 samples (see tests/memorizing.py).
+COPYCAT_SCHEDULE = {100: 0, 200: 0, 300: 4, 400: 8, 500: 8}
+
+
+@pytest.fixture()
+def copycat_run(tmp_path, train_dir) -> Path:
+    """A run whose samples copy ``train_dir`` on :data:`COPYCAT_SCHEDULE`: exact and sigma-0.01 copies
+    (alternating) of the six distinct training images, the other samples fresh noise."""
+    from memorizing import write_copycat_run
+
+    return write_copycat_run(tmp_path / "copycat", COPYCAT_SCHEDULE, train_dir, kinds=("exact", "noise"), sigma=0.01)
+
+
+@pytest.fixture()
+def copycat_scanned(copycat_run, pixel_index) -> Path:
+    """:func:`copycat_run`, scanned (16 samples per checkpoint) into its default store."""
+    from memorizing import scan_copycat
+
+    scan_copycat(copycat_run, pixel_index, num_samples=16)
+    return copycat_run
+
+
+@pytest.fixture(scope="session")
+def memorized(tmp_path_factory):
+    """A really trained memorizing DDPM and its 8-px pixel index (tests/memorizing.py).
+
+    Training (600 steps on one torch thread) measured 15-20 s wall on a shared 2-core machine, 16.5 s as
+    this fixture in a full test run; the index well under a second. ``.data``, ``.run``, ``.index``,
+    ``.train_s`` (this session's training wall time).
+    """
+    from memorizing import MEMORIZING_RECIPE, build_index, train_memorizing_run
+
+    out = train_memorizing_run(tmp_path_factory.mktemp("memorized"))
+    out.index = build_index(out.data, out.run.parent / "ref", MEMORIZING_RECIPE["resolution"])
+    return out
+
+
+@pytest.fixture()
+def copycat_sampling(monkeypatch):
+    """Copycat checkpoints sample as copycats in this process, through memtrack's own builder registry."""
+    import memtrack.sampling as sampling
+    from memorizing import copycat_builder
+
+    # the registry has no public "get": read the built-in builder so that other checkpoints still load
+    monkeypatch.setitem(sampling._BUILDERS, "unet", copycat_builder(sampling._BUILDERS["unet"]))

@@ -296,3 +296,158 @@ def test_sigkill_anywhere_then_resume_evaluates_every_checkpoint_exactly_once(cr
         print("\n" + line)
     assert stats["kills"] >= 20
     assert {"sampling", "embedding", "store write", "report write"} <= set(landed)
+
+
+# ----------------------------------------------------------------------- the real processes: scan, watch
+
+REPO = WORKER.parent.parent
+CLI_PLAN = ["--num-samples", str(PLAN["num_samples"]), "--steps", str(PLAN["steps"])]
+COPIER = WORKER.parent / "scripts" / "copy_checkpoints.py"
+
+
+class Proc:
+    """A real ``python -m memtrack ...`` process whose output lines are collected with their times."""
+
+    ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MEMTRACK_NO_PROGRESS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+    def __init__(self, args: list[str]):
+        import threading
+        import time
+
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "memtrack", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=self.ENV)
+        self.lines: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        import time
+
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
+
+    def results(self) -> list[str]:
+        return [ln for _, ln in self.lines if ln.strip().startswith("checkpoint-")]
+
+    def kill_after(self, n_results: int, extra_s: float, ready=lambda: True, timeout: float = 120) -> bool:
+        """SIGKILL ``extra_s`` after the ``n_results``-th result line (and ``ready()``); False when it ended first."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while (len(self.results()) < n_results or not ready()) and self.proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            self.proc.wait(timeout=extra_s)
+            return False
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            return True
+        finally:
+            self.reader.join(10)
+
+    def finish(self, timeout: float = 120) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(10)
+        self.stderr = self.proc.stderr.read()
+        return code
+
+
+def _row_ids(store: Path) -> dict:
+    conn = _connect(store)
+    if conn is None:
+        return {}
+    try:
+        return {ck: eid for eid, ck in conn.execute("SELECT id, checkpoint FROM evaluations WHERE status='done'")}
+    finally:
+        conn.close()
+
+
+def _lines_check(ctx: str, lines: list[str], committed: dict) -> None:
+    """Every result line of a process: "stored earlier" exactly for what was stored before it started."""
+    for ln in lines:
+        ck = ln.split()[0]
+        assert ("stored earlier" in ln) == (ck in committed), f"{ctx}: {ln!r} (stored before: {sorted(committed)})"
+
+
+def _chain(ctx: str, start, kills: int, rng: random.Random, per_ck: float, store: Path, reference: dict,
+           stats: Counter) -> None:
+    """Start the command, SIGKILL it at a random moment, start the same command again, ``kills`` times; then
+    let it finish. After each kill the store is intact and keeps every row stored before; at the end it
+    holds exactly the reference's evaluations, and no process evaluated a stored checkpoint again."""
+    committed: dict = {}
+    for k in range(kills + 1):
+        proc = start()
+        here = f"{ctx}, process {k + 1}"
+        if k < kills:
+            # after its n-th result line (cached ones come first; the first new one includes diffusers'
+            # lazy imports), plus a random part of a checkpoint's time: the kill lands mid-evaluation
+            n = min(len(committed) + 1 + rng.randint(0, 1), len(reference) - 1)
+            extra = round(rng.uniform(0.0, 1.5 * per_ck), 3)
+            killed = proc.kill_after(n, extra)
+            stats["kills"] += killed
+            here += f" (SIGKILL {extra}s after result line {n})" if killed else " (ended before the kill)"
+        else:
+            assert proc.finish() == 0, f"{here}: {proc.stderr[-2000:]}"
+        _lines_check(here, proc.results(), committed)
+        problems = _store_checks(store)
+        stats["torn or corrupt after kill"] += len(problems)
+        assert not problems, f"{here}: {problems}"
+        now = _row_ids(store)
+        again = [ck for ck in committed if now.get(ck) != committed[ck]]
+        stats["evaluated twice"] += len(again)
+        assert not again, f"{here}: {again} were stored before and stored again"
+        committed = now
+    stored = _stored(store)
+    lost = [ck for ck in reference if stored.get(ck) != reference[ck]]
+    stats["results lost"] += len(lost)
+    assert not lost and set(stored) == set(reference), f"{ctx}: stored {stored} differs from the reference"
+    stats["temp files left"] += sum(1 for _ in store.rglob("*.tmp"))
+
+
+def test_sigkill_the_real_scan_and_watch_processes_then_resume_with_the_same_command(crash_env, tmp_path, capsys):
+    """``python -m memtrack scan`` and ``watch`` (beside a process that saves checkpoints), each SIGKILLed
+    twice at random moments mid-run and restarted with the same command line."""
+    import threading
+
+    tmp, _, index, worker = crash_env
+    seed = int(os.environ.get("MEMTRACK_CRASH_SEED", "20250107"))
+    rng = random.Random(seed + 1)
+    run = tmp_path / "run5"
+    for i, step in enumerate((10, 20, 30, 40, 50)):
+        write_checkpoint(run, step, seed=i)
+    ref_spec = _spec(tmp, run, index, "cli-reference")
+    assert worker.run(ref_spec) == {"signal": None, "code": 0}
+    reference = _stored(tmp / "cli-reference")
+    per_ck = float(Path(ref_spec["events"]).read_text().splitlines()[-1].split()[0]) / len(reference)
+    stats = Counter()
+
+    # 1. memtrack scan
+    store = tmp_path / "scan-store"
+    scan = ["scan", str(run), "--index", str(index), "--store", str(store), *CLI_PLAN]
+    _chain("scan", lambda: Proc(scan), 2, rng, per_ck, store, reference, stats)
+
+    # 2. memtrack watch beside a "training" process that saves the same checkpoints one by one
+    out, store = tmp_path / "watched", tmp_path / "watch-store"
+    trainer = subprocess.Popen([sys.executable, str(COPIER), "--source", str(run), "--output_dir", str(out),
+                                "--interval", "0.3", "--linger", "2"], stdout=subprocess.DEVNULL)
+    reaper = threading.Thread(target=trainer.wait, daemon=True)  # an unreaped child would look alive to --pid
+    reaper.start()
+    watch = ["watch", str(out), "--index", str(index), "--store", str(store), *CLI_PLAN, "--pid", str(trainer.pid),
+             "--quiet-period", "0.2", "--poll-interval", "0.1"]
+    _chain("watch", lambda: Proc(watch), 2, rng, per_ck, store, reference, stats)
+    reaper.join(60)
+    assert trainer.returncode == 0
+    staging = store / "staging"
+    assert not staging.exists() or not any(staging.iterdir()), "staged checkpoint files left behind"
+
+    line = (f"crash test of real processes (seed {seed}): {stats['kills']} of 4 scan/watch processes SIGKILLed "
+            f"mid-run; after resume: results lost {stats['results lost']}, evaluated twice "
+            f"{stats['evaluated twice']}, torn/corrupt {stats['torn or corrupt after kill']}; "
+            f"{stats['temp files left']} orphaned temp files")
+    with capsys.disabled():
+        print("\n" + line)
+    assert stats["kills"] >= 2

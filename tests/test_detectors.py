@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers_core import SCENES5, against_all, scene, training_images
+from helpers_core import against_all, scene, training_images
 from memtrack.config import DetectorsConfig
 from memtrack.detectors import (DetectorOutput, SpaceEvidence, _tile_bounds, adaptive_l2, copy_score,
                                 exact_rms_distances, list_detectors, nn_ratio, run_detectors, tiled_distances,
@@ -117,14 +117,18 @@ def _many_rows(n: int = 2000, dim: int = 3072):
 
 def test_exact_copies_are_at_distance_exactly_zero_with_many_rows():
     train, query = _many_rows()
-    n = len(train)
-    # every sample's candidates: its own training image and the next one
-    cand = np.stack([train, np.roll(train, -1, axis=0)], axis=1)
-    out = nn_ratio(query, cand)
+    rows = np.arange(len(train))
+    # every sample's candidates: the next training image first, then its own (the copy is not in slot 0)
+    cand = np.stack([np.roll(train, -1, axis=0), train], axis=1)
+    ids = np.stack([np.roll(rows, -1), rows], axis=1)
+    out = nn_ratio(query, cand, candidate_ids=ids)
     assert (out.extra["d1"] == 0.0).all()
     assert (out.score == 0.0).all() and out.flagged.all()
-    assert (out.match == 0).all()
-    assert n == 2000
+    assert out.match.tolist() == rows.tolist()  # each copy matched to its own training row
+    # d2 is the true RMS distance to the other image, computed here in float64 without any matrix product
+    other = np.sqrt(((query.astype(np.float64) - np.roll(train, -1, axis=0)) ** 2).mean(axis=1))
+    np.testing.assert_allclose(out.extra["d2"], other, rtol=1e-6)
+    assert other.min() > 0.3  # uniform pixels: far apart, so d1 = 0 is not a near-tie
 
 
 def test_torch_cdist_is_not_exact_at_zero_which_is_why_memtrack_avoids_it():
@@ -335,4 +339,10 @@ def test_registered_detectors_run_on_the_spaces_they_need():
     ad = outs["adaptive_l2"]
     assert not ad.applicable and "n = 50" in ad.reason and "has 5" in ad.reason and not ad.flagged.any()
     assert outs["nn_ratio"].threshold == pytest.approx(1 / 3) and outs["tiled_l2"].threshold == 0.15
-    assert len(SCENES5) == N_TRAIN
+    assert outs["nn_ratio"].score.tolist() == [0.0, 0.0] and outs["tiled_l2"].score.tolist() == [0.0, 0.0]
+    assert outs["clip_copy"].score == pytest.approx([1.0, 1.0])
+    # without the pixel space the pixel detectors do not run; without a feature space no copy score does
+    clip_only = {o.name for o in run_detectors({"clip": clip}, DetectorsConfig())}
+    assert "clip_copy" in clip_only and not {"nn_ratio", "tiled_l2", "adaptive_l2"} & clip_only
+    pixel_only = {o.name for o in run_detectors({"pixel": pixel}, DetectorsConfig())}
+    assert {"nn_ratio", "tiled_l2", "adaptive_l2"} <= pixel_only and not any(n.endswith("_copy") for n in pixel_only)

@@ -97,7 +97,17 @@ def test_calibration_at_a_false_match_rate():
     assert cal.threshold == np.sort(cal.impostor)[k]
     assert cal.far <= 1e-3 and (cal.impostor < cal.threshold).sum() <= k
     assert cal.genuine.max() < cal.threshold < cal.impostor.max()  # separable people: no false non-match
-    assert cal.frr == 0.0 and cal.far_at_published >= 0.0
+    assert cal.frr == 0.0
+    # dlib's 0.6 lies below every impostor pair here (nearest 0.64) and above every genuine pair (at most 0.42)
+    assert cal.impostor.min() > 0.6 > cal.genuine.max()
+    assert cal.far_at_published == 0.0 and cal.frr_at_published == 0.0
+    # a published threshold inside both distributions: its rates are those of that threshold, not of the
+    # calibrated one (measured on the very same pairs)
+    mid = calibrate_threshold(vecs, g, published_threshold=0.8, far=1e-3)
+    assert mid.threshold == cal.threshold and mid.far == cal.far
+    assert mid.far_at_published == (cal.impostor < 0.8).mean() and 0.05 < mid.far_at_published < 0.5
+    low = calibrate_threshold(vecs, g, published_threshold=float(np.median(cal.genuine)), far=1e-3)
+    assert low.frr_at_published == (cal.genuine >= np.median(cal.genuine)).mean() == 0.5
     d = cal.to_dict()
     assert d["n_impostor_pairs"] == cal.impostor.size and "genuine" not in d
     json.dumps(cal.to_dict(distributions=True))

@@ -281,7 +281,7 @@ def test_tracker_step_follows_the_cadence(tmp_path, pixel_index):
     tracker.close()
 
 
-def test_watch_once_cli_and_stop_on_gate(tmp_path, pixel_index, train_dir, capsys):
+def test_watch_once_cli_and_stop_on_gate(tmp_path, pixel_index, train_dir, copycat_scanned, capsys):
     from memtrack.integrations.launch import _ending, _tripped
 
     run = tmp_path / "run"
@@ -296,9 +296,12 @@ def test_watch_once_cli_and_stop_on_gate(tmp_path, pixel_index, train_dir, capsy
     assert "stored earlier" in capsys.readouterr().out
     assert len(rows(run)) == 2
 
-    with RunStore.open(run) as store:
-        assert _tripped(store, run, ["nn_ratio.rate >= 0"]).startswith("nn_ratio.rate >= 0")
-        assert _tripped(store, run, ["nn_ratio.rate > 0.5"]) is None
+    # the stop-on check on a store whose latest checkpoint has 8/16 near-copies (onset at step 300)
+    with RunStore.open(copycat_scanned) as store:
+        assert _tripped(store, copycat_scanned, ["nn_ratio.rate >= 0.5"]) == "nn_ratio.rate >= 0.5 (observed 0.5)"
+        assert _tripped(store, copycat_scanned, ["nn_ratio.rate > 0.5", "nn_ratio_dedup.onset == null"]) is None
+        assert _tripped(store, copycat_scanned, ["nn_ratio.rate > 0.5", "nn_ratio_dedup.onset >= 300"]) == \
+            "nn_ratio_dedup.onset >= 300 (observed 300)"
     sleeper = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
     ended = _ending(sleeper, ["nn_ratio.rate >= 0 (observed 0.0)"], None, [])
     assert ended.exit_code == 1 and ended.gate and sleeper.returncode == -15
@@ -465,7 +468,21 @@ def _hashes(tracker, ck) -> list[str]:
     return [s["sha256"] for s in tracker.store.samples(ev.id)]
 
 
+def _trained_text_encoder(base: Path):
+    """The base's text encoder with its weights moved (seeded): what DreamBooth's --train_text_encoder saves."""
+    import torch
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    return encoder
+
+
 def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd):
+    import torch
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -474,7 +491,7 @@ def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd
     run = tmp_path / "run"
     ck_dir = run / "checkpoint-5"
     tiny_cond_unet(1).save_pretrained(ck_dir / "unet")
-    CLIPTextModel.from_pretrained(tiny_sd / "text_encoder").save_pretrained(ck_dir / "text_encoder")
+    _trained_text_encoder(tiny_sd).save_pretrained(ck_dir / "text_encoder")  # DreamBooth trained it too
     (ck_dir / "random_states_0.pkl").write_bytes(b"x")
     StableDiffusionPipeline.from_pretrained(tiny_sd).save_pretrained(run)  # the final pipeline = the base
     cks = discover(run)
@@ -489,7 +506,30 @@ def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd
     samples = tracker.store.samples(tracker.store.find("checkpoint-5", tracker.eval_key(cks[0])).id)
     assert [s["prompt"] for s in samples] == [captions[0]] * 2 + [captions[1]] * 2
     assert _hashes(tracker, cks[0]) != _hashes(tracker, cks[1])   # the checkpoint's own UNet was used
+    trained = _hashes(tracker, cks[0])
+    # the text encoder saved with the checkpoint is the one that samples: memtrack's pipeline holds its weights
+    from memtrack.sampling import load_pipeline
+
+    saved = CLIPTextModel.from_pretrained(ck_dir / "text_encoder").state_dict()
+    used = load_pipeline(cks[0], tracker.config.sampling, run).text_encoder.state_dict()
+    assert saved.keys() == used.keys() and all(torch.equal(saved[k], used[k]) for k in saved)
     tracker.close()
+    # ... and it shows in the samples: the same UNet with the base's text encoder (saved in the checkpoint
+    # or not) draws other images, and the two base-encoder checkpoints draw the same ones
+    twin = tmp_path / "twin"
+    base_encoder = CLIPTextModel.from_pretrained(tiny_sd / "text_encoder")
+    for name, encoder in (("checkpoint-5", None), ("checkpoint-6", base_encoder)):
+        tiny_cond_unet(1).save_pretrained(twin / name / "unet")
+        if encoder is not None:
+            encoder.save_pretrained(twin / name / "text_encoder")
+        (twin / name / "random_states_0.pkl").write_bytes(b"x")
+    tw = _t2i_tracker(pixel_index, twin, tiny_sd, store_dir=tmp_path / "twin-db")
+    twin_cks = discover(twin, include_final=False)
+    assert [c.text_encoder is not None for c in twin_cks] == [False, True]
+    assert [tw.evaluate(c).skipped for c in twin_cks] == [False, False]
+    without, with_base = (_hashes(tw, c) for c in twin_cks)
+    tw.close()
+    assert without == with_base and trained != without
 
     db = _t2i_tracker(pixel_index, run, tiny_sd, store_dir=tmp_path / "db", **{
         "sampling.prompts": "instance", "sampling.instance_prompt": "a photo of sks dog"})

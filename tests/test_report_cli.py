@@ -69,16 +69,18 @@ def test_other_formats(scanned, tmp_path, fmt, name):
         assert json.loads(out.read_text())["checkpoints"][0]["step"] == 10
 
 
-def test_gates_exit_codes(scanned, capsys):
-    run = str(scanned)
-    assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate > 0.5"]) == 0
-    assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate >= 0", "--fail-on",
-                 "nn_ratio_dedup.onset == null"]) == 1
+def test_gates_exit_codes(copycat_scanned, capsys):
+    # a run whose latest checkpoint has 8/16 near-copies and whose copies began at step 300
+    run = str(copycat_scanned)
+    assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate > 0.5",
+                 "--fail-on", "nn_ratio_dedup.onset == null"]) == 0
+    assert "gate tripped" not in capsys.readouterr().err
+    assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate >= 0.5", "--fail-on", "nn_ratio.rate > 0.5",
+                 "--fail-on", "nn_ratio_dedup.onset != null"]) == 1
     err = capsys.readouterr().err
-    assert "gate tripped: nn_ratio.rate >= 0" in err and "gate tripped: nn_ratio_dedup.onset == null" in err
-    # tiled_l2 is not applicable on this 16-px index: a gate on it could never trip, so it is refused
-    assert main(["report", run, "--quiet", "--fail-on", "tiled_l2.onset == null"]) == 2
-    assert "not applicable" in capsys.readouterr().err
+    assert "gate tripped: nn_ratio.rate >= 0.5 (observed 0.5)" in err
+    assert "gate tripped: nn_ratio_dedup.onset != null (observed 300)" in err
+    assert "nn_ratio.rate > 0.5" not in err  # the gate that holds is not reported
     assert main(["report", run, "--quiet", "--fail-on", "nn_ratio.rate >>> 1"]) == 2
     assert main(["report", run, "--quiet", "--fail-on", "no_such_metric.rate > 0"]) == 2
     assert "unknown metric" in capsys.readouterr().err

@@ -207,8 +207,21 @@ def test_sharded_on_disk_build_equals_single_build_and_opens_mmapped(crops, tmp_
     reopened = ReferenceIndex.open(moved)
     sp = reopened.spaces["pixel"]
     assert isinstance(sp.vectors, np.memmap)
-    assert "OnDisk" in type(ic.faiss_module().extract_index_ivf(sp.index).invlists).__name__ or sp.info["on_disk"]
     _same_search(single, reopened)
+    # the reopened index's inverted lists are faiss's on-disk lists, mapped from the moved folder's file
+    faiss = ic.faiss_module()
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(sp.index).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists), type(lists).__name__
+    assert Path(lists.filename).resolve() == (moved / "pixel.ivfdata").resolve()
+    assert lists.compute_ntotal() == sp.index.ntotal == 300
+    # and searches read that file: the same index with its .ivfdata zeroed finds other neighbours
+    zeroed = tmp_path / "zeroed"
+    shutil.copytree(moved, zeroed)
+    size = (zeroed / "pixel.ivfdata").stat().st_size
+    (zeroed / "pixel.ivfdata").write_bytes(bytes(size))
+    q = single.spaces["pixel"].vectors_at(np.arange(0, 300, 7))
+    ids = ReferenceIndex.open(zeroed).search("pixel", q, 5)[1]
+    assert not np.array_equal(ids, single.search("pixel", q, 5)[1])
 
 
 def test_resume_after_crash_does_not_redo_finished_shards(crops, tmp_path):

@@ -42,7 +42,9 @@ def write_report(runs: Sequence[str | Path], *, out: str | Path | None = None, f
 
     ``key`` / ``config`` choose the evaluation series of ``runs[0]`` (default: the latest; the others'
     latest are overlaid). Returns the exit code: 0 when every gate holds, 1 when one trips (each tripped
-    gate is named on stderr). Gates are parsed before anything is written, so a typo fails fast (exit 2).
+    gate is named on stderr). Gates are parsed, and checked against the run's metrics, before anything is
+    written, so a typo (in the expression or the metric name) fails (exit 2) with the earlier report left
+    as it was.
     """
     for g in gates:
         parse_gate(g)
@@ -55,6 +57,7 @@ def write_report(runs: Sequence[str | Path], *, out: str | Path | None = None, f
         gallery = build_gallery(store, summary, ref) if fmt != "json" else []
     finally:
         store.close()
+    judged = check_gates(summary, list(gates))  # an unknown metric or field raises here, before any write
     others = [run_summary(r, with_index=False) for r in runs[1:]]
     default_name = {"html": "report.html", "md": "report.md", "json": "summary.json"}[fmt]
     out = Path(out) if out else Path(store_dir or main_run / "memtrack") / default_name
@@ -77,7 +80,7 @@ def write_report(runs: Sequence[str | Path], *, out: str | Path | None = None, f
         print(render_table(summary))
         print(f"wrote {out}" + (f" and {summary_path}" if out != summary_path else ""))
     code = 0
-    for gate, tripped, observed in check_gates(summary, list(gates)):
+    for gate, tripped, observed in judged:
         if tripped:
             print(f"memtrack: gate tripped: {gate.text} (observed {observed})", file=sys.stderr)
             code = 1
