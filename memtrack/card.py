@@ -139,7 +139,7 @@ def judge_card(gt: GroundTruth, ref, embedders: Sequence, config: Config, *, bat
 
 
 def _judge(tracker, gt: GroundTruth, train_ids: list, batch_size: int) -> tuple[dict, dict]:
-    """Per detector: ``[(flagged, right_match)]`` per case, and the detector's last output (for metadata)."""
+    """Per detector: ``[(flagged, right_match, judged)]`` per case, and the detector's last output (for metadata)."""
     verdicts: dict[str, list] = {}
     last: dict = {}
     for start in range(0, len(gt.cases), batch_size):
@@ -149,9 +149,11 @@ def _judge(tracker, gt: GroundTruth, train_ids: list, batch_size: int) -> tuple[
             applicable = bool(getattr(out, "applicable", True))
             if not applicable or out.name not in last:
                 last[out.name] = out
+            judged = getattr(out, "judged", None)
             for j, case in enumerate(batch):
                 flagged = applicable and bool(np.asarray(out.flagged)[j])
-                rows.append((flagged, right_match(out, j, case, train_ids)))
+                seen = judged is None or bool(np.asarray(judged)[j])
+                rows.append((flagged, right_match(out, j, case, train_ids), seen))
     return verdicts, last
 
 
@@ -178,16 +180,19 @@ def _detector_entry(name: str, out, threshold: dict, gt: GroundTruth, verdicts: 
         entry["cases"] = {k: {"applicable": False, "reason": entry["reason"]} for k in gt.case_types}
         entry["all"] = {"applicable": False, "reason": entry["reason"]}
         return entry
-    totals = np.zeros(5, np.int64)
+    totals, not_judged_total = np.zeros(5, np.int64), 0
     for kind in gt.case_types:
         counts = np.zeros(5, np.int64)  # tp, fp, fn, tn, wrong
-        for case, (flagged, right) in zip(gt.cases, verdicts):
+        unjudged = 0  # samples the detector gave no verdict (counted as not flagged, and said)
+        for case, (flagged, right, judged) in zip(gt.cases, verdicts):
             if case.kind == kind:
                 truth = bool(case.labels[label])
                 counts += _confusion(truth, flagged, right)
-        entry["cases"][kind] = cell(*map(int, counts))
+                unjudged += not judged
+        entry["cases"][kind] = {**cell(*map(int, counts)), **({"not_judged": unjudged} if unjudged else {})}
+        not_judged_total += unjudged
         totals += counts
-    entry["all"] = cell(*map(int, totals))
+    entry["all"] = {**cell(*map(int, totals)), **({"not_judged": not_judged_total} if not_judged_total else {})}
     return entry
 
 

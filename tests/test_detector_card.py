@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import real_image
@@ -142,6 +143,31 @@ def test_a_detector_out_of_its_regime_shows_not_applicable(monkeypatch, capsys):
     bench.print_table(card)
     out = capsys.readouterr().out
     assert re.search(r"adaptive_l2\s+exact\s+n/a\s+not applicable: fewer than 50 training images", out)
+
+
+def test_samples_a_detector_gives_no_verdict_are_counted_as_not_judged(monkeypatch):
+    """A sample without a verdict (tiled_l2 on a copy of a nearly uniform image) counts as not flagged, and the
+    card says how many there were, so a low recall is not mistaken for a miss."""
+    from memtrack.tracker import Tracker
+
+    real = Tracker.assess
+
+    def assess(self, images, timings=None):
+        outs = real(self, images, timings)
+        for o in outs:
+            if o.name == "nn_ratio":
+                o.judged = np.zeros(len(images), bool)
+                o.judged[0] = True
+                o.flagged = o.flagged & o.judged
+        return outs
+
+    monkeypatch.setattr(Tracker, "assess", assess)
+    _, card = _tiny_card(case_types=("exact", "novel"))
+    exact = card["detectors"]["nn_ratio"]["cases"]["exact"]
+    assert exact["not_judged"] == exact["n"] - 1 and exact["tp"] == 1
+    assert card["detectors"]["nn_ratio"]["all"]["not_judged"] >= exact["not_judged"]
+    assert "not_judged" not in card["detectors"]["identity_leak" if "identity_leak" in card["detectors"]
+                                                  else "nn_ratio_dedup"]["cases"]["exact"]
 
 
 def test_a_new_detector_or_variant_becomes_a_row(monkeypatch):
