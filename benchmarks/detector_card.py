@@ -5,7 +5,7 @@ Ground truth from photographs that installed packages ship (nothing is downloade
 * training images: scikit-image's photographs (coffee, chelsea, rocket, camera, coins,
   immunohistochemistry, retina, clock, cell, stereo_motorcycle), each whole and as its four quarters,
   plus two face chips each of Eileen Collins (skimage ``astronaut``) and Grace Hopper (matplotlib's
-  ``grace_hopper.jpg``) with identity labels -- the demo's chips (``memtrack.demo_train.build_demo_dataset``);
+  ``grace_hopper.jpg``) with identity labels -- the demo's chips (``memtrack.demo.train.build_demo_dataset``);
   ``--duplicates`` of the scenes are present twice (the second copy with noise sigma 0.01);
 * novel (held-out) images: other photographs (page, text, hubble_deep_field, whole and quartered; the
   moon, brick, grass and gravel textures), never trained on;
@@ -13,7 +13,7 @@ Ground truth from photographs that installed packages ship (nothing is downloade
   upscaled; their identities are not labelled and are assumed to be neither training person).
 
 The photographs of the two training people are used only as their face chips, so no scene shows a
-training face. Cases and labels: :mod:`memtrack.card_cases`. Measurement: :func:`memtrack.card.measure_card`
+training face. Cases and labels: :mod:`memtrack.card.cases`. Measurement: :func:`memtrack.card.measure.measure_card`
 builds a real reference index (pixel space at ``--resolution``, default 32 px -- the demo's, and what
 users of small DDPMs have; the face space with dlib, ``align: assume_aligned`` as the demo) and judges every
 case through ``Tracker.assess``, the path of ``memtrack check``. CLIP is left out: with random weights its
@@ -42,8 +42,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from memtrack.card import measure_card  # noqa: E402
-from memtrack.card_cases import CASE_TYPES, Source, ground_truth  # noqa: E402
+from memtrack.card.measure import measure_card  # noqa: E402
+from memtrack.card.cases import CASE_TYPES, Source, ground_truth  # noqa: E402
 from memtrack.config import EmbedderSpec  # noqa: E402
 from memtrack.report.card import PACKAGE_CARD, card_rows  # noqa: E402
 from memtrack.utils import atomic_write_text, to_json  # noqa: E402
@@ -78,7 +78,7 @@ def with_quarters(name: str) -> list[Source]:
 
 def face_sources(resolution: int) -> list[Source]:
     """The demo's two face chips of each training person, at 4x the working resolution (the sources)."""
-    from memtrack.demo_train import build_demo_dataset
+    from memtrack.demo.train import build_demo_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_demo_dataset(Path(tmp), 4 * resolution)

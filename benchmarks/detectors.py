@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memtrack.detectors import nn_ratio, tiled_l2  # noqa: E402
+from memtrack.detectors.core import nn_ratio, tiled_l2  # noqa: E402
 
 
 def loop_nn_ratio(q: np.ndarray, c: np.ndarray) -> list[float]:

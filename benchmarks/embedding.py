@@ -32,10 +32,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MEMTRACK_NO_PROGRESS", "1")
-from memtrack.data import open_image, read_dataset  # noqa: E402
-from memtrack.embedders import get_embedder  # noqa: E402
+from memtrack.data.dataset import open_image, read_dataset  # noqa: E402
+from memtrack.embedders.registry import get_embedder  # noqa: E402
 from memtrack.embedders.pixel import pixels  # noqa: E402
-from memtrack.shards import embed_records  # noqa: E402
+from memtrack.index.shards import embed_records  # noqa: E402
 
 
 def write_photos(folder: Path, n: int, size: int = 384) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memtrack import index_choice as ic  # noqa: E402
+from memtrack.index import choice as ic
 
 
 def timed(index, q: np.ndarray, k: int) -> float:

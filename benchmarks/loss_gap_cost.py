@@ -1,8 +1,8 @@
 """What the loss-gap probe costs, in training steps of the same model, measured in the same process.
 
-The model is the demo's UNet (``memtrack.demo_train.build_unet``, RECIPE sizes) at ``--resolution``;
+The model is the demo's UNet (``memtrack.demo.train.build_unet``, RECIPE sizes) at ``--resolution``;
 a training step is the demo trainer's own step (``accelerate`` on CPU, AdamW, RECIPE's batch size:
-noise, forward, MSE, backward, clip, optimizer step). The probe is ``memtrack.probes.loss_gap`` on
+noise, forward, MSE, backward, clip, optimizer step). The probe is ``memtrack.probes.loss_gap.loss_gap`` on
 real photographs (``benchmarks/photos.py``) for several (images per set, timesteps) settings. Training
 steps and probe calls alternate over ``--rounds`` rounds; medians are reported, and the ratio probe /
 step says how many training steps one probe call costs. The last line is one JSON object.
@@ -40,8 +40,8 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
 
-    from memtrack.demo_train import RECIPE, _train_step, build_unet, demo_scheduler
-    from memtrack.probes import loss_gap, prepare_images
+    from memtrack.demo.train import RECIPE, _train_step, build_unet, demo_scheduler
+    from memtrack.probes.loss_gap import loss_gap, prepare_images
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,12 +1,12 @@
 """When does the demo DDPM start to memorize, as a function of the training-set size n? (issue 5, part 8)
 
-For each n, the demo model (``memtrack.demo_train.train_demo`` with ``RECIPE["train"]``; only the
+For each n, the demo model (``memtrack.demo.train.train_demo`` with ``RECIPE["train"]``; only the
 resolution, the length of the run, the checkpoint interval and the seed are set here, the same for every
 n) is trained on the first n images of a fixed pool of real photographs (``benchmarks/photos.py``), so
 the training sets are nested and nothing but n changes. Each run is then measured with memtrack alone:
 ``ReferenceIndex.build`` -> ``Tracker.evaluate`` on every checkpoint (``discover``) -> ``onsets`` (the
 d1/d2 < 1/3 rate of Gu et al. 2023, 95% Wilson lower bound above 1% for two more checkpoints), beside
-the loss-gap onset (``memtrack.probes``: held-out minus train denoising loss on 7 held-out photographs)
+the loss-gap onset (``memtrack.probes.loss_gap``: held-out minus train denoising loss on 7 held-out photographs)
 and the per-seed trajectories. Bonnaire et al. 2025 and Favero et al. 2025 report tau_mem growing about
 linearly with n; the script fits the log-log slope and says what it found.
 
@@ -49,16 +49,16 @@ def write_set(folder: Path, images: list) -> Path:
 
 
 def run_size(n: int, seed: int, args, pool: list, heldout: list, root: Path) -> dict:
-    from memtrack.checkpoints import discover
-    from memtrack.data import read_dataset
-    from memtrack.demo import demo_config
-    from memtrack.demo_train import RECIPE, demo_scheduler, train_demo
-    from memtrack.dynamics import match_table, onsets, trajectories
-    from memtrack.embedders import get_embedder
-    from memtrack.index import ReferenceIndex
-    from memtrack.probes import loss_gap, loss_gap_onset
-    from memtrack.sampling import load_unet
-    from memtrack.tracker import Tracker
+    from memtrack.sampling.checkpoints import discover
+    from memtrack.data.dataset import read_dataset
+    from memtrack.demo.run import demo_config
+    from memtrack.demo.train import RECIPE, demo_scheduler, train_demo
+    from memtrack.analysis.dynamics import match_table, onsets, trajectories
+    from memtrack.embedders.registry import get_embedder
+    from memtrack.index.reference import ReferenceIndex
+    from memtrack.probes.loss_gap import loss_gap, loss_gap_onset
+    from memtrack.sampling.unconditional import load_unet
+    from memtrack.scan.tracker import Tracker
 
     # 1. the training set and the run: only n differs between sizes
     base = root / f"n{n}-seed{seed}"

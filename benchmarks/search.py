@@ -8,7 +8,7 @@ way Somepalli et al.'s code does: ``torch.mm`` of query chunks against the train
 second baseline is the strongest exact CPU search at hand: faiss ``IndexFlatIP`` over the same
 blocks with every query in one batch, so faiss runs one BLAS matrix product per block -- the speed-up
 against it is the speed-up against the limit of exact search, not just against the usual peer.
-memtrack's path is :mod:`memtrack.index_choice`: choose by size and memory budget, train on a sample, fill,
+memtrack's path is :mod:`memtrack.index.choice`: choose by size and memory budget, train on a sample, fill,
 tune nprobe/efSearch to ``--recall-target`` recall@k on 1,000 held-out training vectors, search (with exact
 re-ranking for PQ codes). Reported: recall@1 and recall@k against the brute-force truth (tie-aware), the
 speed ratio to each baseline, bytes per vector (index file; the float32 vectors stay on disk, memory-mapped, for exact
@@ -37,8 +37,8 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memtrack import index_choice as ic  # noqa: E402
-from memtrack import index_faiss as fx  # noqa: E402
+from memtrack.index import choice as ic
+from memtrack.index import files as fx
 
 
 def make_data(n: int, dim: int, n_queries: int, seed: int = 0, data_file: Path | None = None):

@@ -1,7 +1,7 @@
 """Does the thread budget keep a sidecar from slowing training down, and memtrack from collapsing?
 
 Training and memtrack's sidecar run **on the same cores** (``--cores``, default every core this process may
-use; both pinned there). Training is the demo's loop at a small size (:func:`memtrack.demo_train.build_unet`,
+use; both pinned there). Training is the demo's loop at a small size (:func:`memtrack.demo.train.build_unet`,
 AdamW, the DDPM noise-prediction loss on real photographs, ``--resolution`` px, batch ``--batch``); it
 reports its steps/s over ``--train-steps`` steps after a warm-up. The sidecar evaluates checkpoints of the
 same model back to back (``Tracker.evaluate``: sample, embed, search, detect, store), exactly what ``watch``
@@ -38,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from memtrack import budget  # noqa: E402
+from memtrack import budget
 
 SCENES = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins"]
 PHASES = ("train_alone", "memtrack_alone", "shared_unbudgeted", "shared_budget", "shared_split")
@@ -54,7 +54,7 @@ def train_worker(args) -> None:
     import torch.nn.functional as F
     from PIL import Image
 
-    from memtrack.demo_train import build_unet, demo_scheduler
+    from memtrack.demo.train import build_unet, demo_scheduler
 
     files = sorted(Path(args.data).glob("*.png"))
     images = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32) / 127.5 - 1
@@ -94,8 +94,8 @@ def sidecar_worker(args) -> None:
         budget.apply(budget.resolve(None, beside_training=True, training_threads=args.training_threads))
     import torch
 
-    from memtrack.checkpoints import discover
-    from memtrack.tracker import Tracker
+    from memtrack.sampling.checkpoints import discover
+    from memtrack.scan.tracker import Tracker
 
     tracker = Tracker.from_config(args.config, index=args.index, run_dir=args.run, store_dir=args.store)
     cks = discover(args.run, include_final=False)
@@ -152,9 +152,9 @@ class Bench:
             im.resize((self.args.resolution,) * 2, Image.Resampling.BICUBIC).save(data / f"{name}.png")
         _wait(self._popen(self._train_args(self.work / "setup.json", save=self.work / "run"), None), "setup")
         from memtrack.config import Config, EmbedderSpec
-        from memtrack.data import read_dataset
-        from memtrack.embedders import get_embedder
-        from memtrack.index import ReferenceIndex
+        from memtrack.data.dataset import read_dataset
+        from memtrack.embedders.registry import get_embedder
+        from memtrack.index.reference import ReferenceIndex
 
         spec = {"name": "pixel", "resolution": self.args.resolution}
         cfg = Config()

@@ -48,9 +48,9 @@ def write_data(folder: Path, size: int = 16) -> Path:
 
 def build_index(data: Path, out: Path) -> Path:
     from memtrack.config import Config, EmbedderSpec
-    from memtrack.data import read_dataset
-    from memtrack.embedders import get_embedder
-    from memtrack.index import ReferenceIndex
+    from memtrack.data.dataset import read_dataset
+    from memtrack.embedders.registry import get_embedder
+    from memtrack.index.reference import ReferenceIndex
 
     cfg = Config()
     cfg.index.embedders = [EmbedderSpec("pixel", {"resolution": 16})]

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import real_image  # noqa: E402
 
 from memtrack.config import Config, EmbedderSpec  # noqa: E402
-from memtrack.data import open_image, read_dataset  # noqa: E402
-from memtrack.embedders import get_embedder  # noqa: E402
-from memtrack.index import ReferenceIndex  # noqa: E402
-from memtrack.tracker import Tracker  # noqa: E402
+from memtrack.data.dataset import open_image, read_dataset  # noqa: E402
+from memtrack.embedders.registry import get_embedder  # noqa: E402
+from memtrack.index.reference import ReferenceIndex  # noqa: E402
+from memtrack.scan.tracker import Tracker  # noqa: E402
 
 PHOTOS = [("coffee", 1.5), ("chelsea", 0.66), ("rocket", 1.4), ("astronaut", 1.6), ("grace_hopper", 0.7),
           ("coins", 1.3), ("camera", 0.75), ("hubble_deep_field", 1.45)]

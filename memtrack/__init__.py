@@ -7,11 +7,11 @@ The main entry points are imported lazily (``import memtrack`` stays cheap):
 """
 __version__ = "0.1.0"
 
-_LAZY = {"Tracker": "memtrack.tracker", "ReferenceIndex": "memtrack.index", "RunStore": "memtrack.store",
-         "load_config": "memtrack.config", "Config": "memtrack.config", "discover": "memtrack.checkpoints",
-         "read_dataset": "memtrack.data", "get_embedder": "memtrack.embedders",
-         "register_embedder": "memtrack.embedders", "register_detector": "memtrack.detectors",
-         "write_report": "memtrack.report", "MemtrackError": "memtrack.errors"}
+_LAZY = {"Tracker": "memtrack.scan.tracker", "ReferenceIndex": "memtrack.index.reference", "RunStore": "memtrack.store.run_store",
+         "load_config": "memtrack.config", "Config": "memtrack.config", "discover": "memtrack.sampling.checkpoints",
+         "read_dataset": "memtrack.data.dataset", "get_embedder": "memtrack.embedders.registry",
+         "register_embedder": "memtrack.embedders.registry", "register_detector": "memtrack.detectors.core",
+         "write_report": "memtrack.report.write", "MemtrackError": "memtrack.errors"}
 
 
 def __getattr__(name):

@@ -33,8 +33,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from .errors import ConfigError
-from .utils import get_logger
+from memtrack.errors import ConfigError
+from memtrack.utils import get_logger
 
 logger = get_logger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from .errors import ConfigError
+from memtrack.errors import ConfigError
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
@@ -372,7 +372,7 @@ def _validate(obj: Any, where: str) -> None:
 
 
 def _validate_loggers(loggers: list, where: str) -> None:
-    from .integrations.logging import SINKS  # the registry: sinks registered by plug-ins count too
+    from memtrack.integrations.logging import SINKS  # the registry: sinks registered by plug-ins count too
 
     for name in loggers:
         if not isinstance(name, str) or name not in SINKS:
@@ -381,8 +381,8 @@ def _validate_loggers(loggers: list, where: str) -> None:
 
 
 def _validate_index(obj: "IndexConfig", where: str) -> None:
-    from .errors import IndexError_
-    from .index_choice import INDEX_TYPES, parse_bytes
+    from memtrack.errors import IndexError_
+    from memtrack.index.choice import INDEX_TYPES, parse_bytes
 
     if obj.index_type not in INDEX_TYPES:
         raise ConfigError(f"{where}.index_type must be one of {', '.join(INDEX_TYPES)}, got {_show(obj.index_type)}")

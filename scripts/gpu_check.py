@@ -4,7 +4,7 @@ Run through ``bash scripts/gpu_check.sh`` (it adds the time limit). Checks, in o
 
 * ``environment`` -- torch, CUDA, the GPUs, faiss's GPUs, onnxruntime's providers;
 * ``sampling <device> <dtype>`` -- a tiny ``UNet2DModel`` checkpoint sampled through memtrack's own path
-  (``memtrack.sampling.sample``, CPU generator per seed) and evaluated (``Tracker.evaluate``), on the CPU
+  (``memtrack.sampling.unconditional.sample``, CPU generator per seed) and evaluated (``Tracker.evaluate``), on the CPU
   (the reference), then ``cuda:0`` in float32, float16 and bfloat16: samples/s, and how far each GPU sample
   is from the CPU one (pixels, /255) -- same seeds, so they should be close;
 * ``clip <device> <precision>`` -- a tiny random open_clip model through the ``clip`` embedder: images/s and
@@ -89,9 +89,9 @@ class Context:
         from PIL import Image
 
         from memtrack.config import Config, EmbedderSpec
-        from memtrack.data import read_dataset
-        from memtrack.embedders import get_embedder
-        from memtrack.index import ReferenceIndex
+        from memtrack.data.dataset import read_dataset
+        from memtrack.embedders.registry import get_embedder
+        from memtrack.index.reference import ReferenceIndex
 
         data = self.work / "data"
         data.mkdir()
@@ -154,9 +154,9 @@ def sampling(device: str, dtype: str):
     def check(ctx) -> Row:
         if device != "cpu":
             need_gpus(int(device.partition(":")[2] or 0) + 1)
-        from memtrack.checkpoints import discover
-        from memtrack.sampling import SamplePlan, load_pipeline, sample, to_uint8
-        from memtrack.tracker import Tracker
+        from memtrack.sampling.checkpoints import discover
+        from memtrack.sampling.unconditional import SamplePlan, load_pipeline, sample, to_uint8
+        from memtrack.scan.tracker import Tracker
 
         cfg = _cfg(**{"sampling.device": device, "sampling.dtype": dtype})
         (ck,) = discover(ctx.run, include_final=False)
@@ -186,7 +186,7 @@ def clip(device: str, precision: str):
         from PIL import Image
         from tiny_models import write_tiny_clip
 
-        from memtrack.embedders import get_embedder
+        from memtrack.embedders.registry import get_embedder
 
         tiny = ctx.cpu.get("clip_model") or write_tiny_clip(ctx.work / "clip", name="tiny-clip-gpu", image_size=64)
         ctx.cpu["clip_model"] = tiny
@@ -210,8 +210,8 @@ def check_t2i(ctx) -> Row:
     need("transformers")
     from tiny_models import write_tiny_sd
 
-    from memtrack.checkpoints import discover
-    from memtrack.tracker import Tracker
+    from memtrack.sampling.checkpoints import discover
+    from memtrack.scan.tracker import Tracker
 
     base = write_tiny_sd(ctx.work / "tiny-sd")
     cfg = _cfg(**{"sampling.device": "cuda:0", "sampling.pretrained_model": str(base), "sampling.prompts": "instance",
@@ -229,7 +229,7 @@ def check_t2i(ctx) -> Row:
 def check_faiss_gpu(ctx) -> Row:
     import faiss
 
-    from memtrack.index_faiss import to_gpu
+    from memtrack.index.files import to_gpu
 
     if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() <= 0:
         raise Skip("faiss has no GPU support here (faiss-cpu, or no GPU)")
@@ -308,7 +308,7 @@ def child_sidecar(run: str, index: str) -> None:
     import torch
 
     from memtrack.integrations.watch import Watcher
-    from memtrack.tracker import Tracker
+    from memtrack.scan.tracker import Tracker
 
     tracker = Tracker.from_config(_cfg(**{"sampling.device": "cuda:1"}), index=index, run_dir=run,
                                   store_dir=Path(tempfile.mkdtemp()) / "store")

@@ -75,9 +75,9 @@ def train_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pixel_index(tmp_path_factory, train_dir) -> Path:
     from memtrack.config import Config, EmbedderSpec
-    from memtrack.data import read_dataset
-    from memtrack.embedders import get_embedder
-    from memtrack.index import ReferenceIndex
+    from memtrack.data.dataset import read_dataset
+    from memtrack.embedders.registry import get_embedder
+    from memtrack.index.reference import ReferenceIndex
 
     cfg = Config()
     cfg.index.embedders = [EmbedderSpec("pixel", {"resolution": 16})]
@@ -140,7 +140,7 @@ def memorized(tmp_path_factory):
 @pytest.fixture()
 def copycat_sampling(monkeypatch):
     """Copycat checkpoints sample as copycats in this process, through memtrack's own builder registry."""
-    import memtrack.sampling as sampling
+    import memtrack.sampling.unconditional as sampling
     from memorizing import copycat_builder
 
     # the registry has no public "get": read the built-in builder so that other checkpoints still load

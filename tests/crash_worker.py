@@ -43,13 +43,13 @@ import traceback  # noqa: E402
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 
-import memtrack.report as report_mod  # noqa: E402
-import memtrack.tracker as tracker_mod  # noqa: E402
+import memtrack.report.write as report_mod  # noqa: E402
+import memtrack.scan.tracker as tracker_mod  # noqa: E402
 import memtrack.utils as utils_mod  # noqa: E402
-from memtrack.checkpoints import discover  # noqa: E402
+from memtrack.sampling.checkpoints import discover  # noqa: E402
 from memtrack.config import Config  # noqa: E402
 from memtrack.embedders.pixel import PixelEmbedder  # noqa: E402
-from memtrack.store import RunStore  # noqa: E402
+from memtrack.store.run_store import RunStore  # noqa: E402
 
 REPORT_FILES = ("report.html", "summary.json")
 
@@ -273,7 +273,7 @@ def warm_up() -> None:
         getattr(diffusers, name)
     import memtrack.report.html  # noqa: F401
     import memtrack.report.terminal  # noqa: F401
-    import memtrack.sampling  # noqa: F401
+    import memtrack.sampling.unconditional  # noqa: F401
 
 
 def serve() -> None:

@@ -9,11 +9,11 @@ Two kinds, both built in temp folders from real photographs that installed packa
   scan is known in advance. :func:`write_copycat_run` writes a run whose ``checkpoint-N/unet/`` folders hold
   a real tiny UNet (so discovery, fingerprints and the store see an ordinary run) plus ``copycat.json``
   (inside ``unet/``, so that a changed schedule changes the checkpoint's fingerprint);
-  :func:`scan_copycat` evaluates it through :meth:`memtrack.tracker.Tracker.evaluate` with
+  :func:`scan_copycat` evaluates it through :meth:`memtrack.scan.tracker.Tracker.evaluate` with
   ``pipeline=``, exactly as ``memtrack scan`` does but with the copycat as the sampler.
 
 * **A really trained model.** :func:`train_memorizing_run` trains memtrack's demo DDPM
-  (:func:`memtrack.demo_train.train_demo`, the diffusers ``train_unconditional.py`` layout) on three real
+  (:func:`memtrack.demo.train.train_demo`, the diffusers ``train_unconditional.py`` layout) on three real
   8x8 images until its samples are near-copies; :func:`build_index` indexes the same images.
 
 The copycat's schedule rule: sample ``i`` (seed ``plan_seed + i``) is a copy at a checkpoint with ``c``
@@ -162,8 +162,8 @@ def copycat_builder(fallback):
 
 def copycat_tracker(run: Path, index: Path, *, num_samples: int = 16, store_dir: Path | None = None,
                     overrides: dict | None = None):
-    """A :class:`~memtrack.tracker.Tracker` for a copycat run (one denoising step: the copycat ignores it)."""
-    from memtrack.tracker import Tracker
+    """A :class:`~memtrack.scan.tracker.Tracker` for a copycat run (one denoising step: the copycat ignores it)."""
+    from memtrack.scan.tracker import Tracker
 
     over = {"sampling.num_samples": num_samples, "sampling.num_inference_steps": 1, **(overrides or {})}
     return Tracker.from_config(None, index=index, run_dir=run, store_dir=store_dir, overrides=over)
@@ -171,7 +171,7 @@ def copycat_tracker(run: Path, index: Path, *, num_samples: int = 16, store_dir:
 
 def scan_copycat(run: Path, index: Path, **kw) -> list:
     """``memtrack scan`` of a copycat run: every checkpoint evaluated with its copycat as the sampler."""
-    from memtrack.checkpoints import discover
+    from memtrack.sampling.checkpoints import discover
 
     tracker = copycat_tracker(run, index, **kw)
     try:
@@ -184,7 +184,7 @@ def scan_copycat(run: Path, index: Path, **kw) -> list:
 
 #: Three distinct real photographs (scikit-image), 8x8: RMS distance 0.36 between the nearest two.
 MEMORIZED_SCENES = ("camera", "coffee", "rocket")
-#: :func:`memtrack.demo_train.train_demo` arguments. Tuned on a 2-core CPU (one torch thread): at 8 px a
+#: :func:`memtrack.demo.train.train_demo` arguments. Tuned on a 2-core CPU (one torch thread): at 8 px a
 #: (16, 32)-channel UNet memorizes three images in a few hundred steps, where 16 px needs thousands. With
 #: these settings the nn_ratio rate of 16 DDIM-20 samples was 0, 0, 2/16, 7/16, 6/16, 7/16 at steps 100..600.
 MEMORIZING_RECIPE = {"max_steps": 600, "checkpointing_steps": 100, "resolution": 8, "batch_size": 16, "lr": 5e-3,
@@ -204,7 +204,7 @@ def train_memorizing_run(folder: Path, threads: int = 1) -> SimpleNamespace:
     import torch
 
     from conftest import write_training_set
-    from memtrack.demo_train import train_demo
+    from memtrack.demo.train import train_demo
 
     folder = Path(folder)
     data = write_training_set(folder / "data", size=MEMORIZING_RECIPE["resolution"], names=MEMORIZED_SCENES)
@@ -221,9 +221,9 @@ def train_memorizing_run(folder: Path, threads: int = 1) -> SimpleNamespace:
 def build_index(data: Path, out: Path, resolution: int) -> Path:
     """A pixel reference index of ``data`` at ``resolution``."""
     from memtrack.config import Config, EmbedderSpec
-    from memtrack.data import read_dataset
-    from memtrack.embedders import get_embedder
-    from memtrack.index import ReferenceIndex
+    from memtrack.data.dataset import read_dataset
+    from memtrack.embedders.registry import get_embedder
+    from memtrack.index.reference import ReferenceIndex
 
     cfg = Config()
     cfg.index.embedders = [EmbedderSpec("pixel", {"resolution": resolution})]

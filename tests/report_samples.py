@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from memtrack.metrics import wilson_interval
+from memtrack.detectors.metrics import wilson_interval
 
 # If any of these ran, window.__pwned would be set (or an alert would open).
 XSS_CAPTION = "<script>window.__pwned=1</script>a photo of a cat"

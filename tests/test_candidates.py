@@ -11,15 +11,15 @@ import pytest
 from PIL import Image
 
 from conftest import real_image
-from memtrack import index_choice as ic
+from memtrack.index import choice as ic
 from memtrack.config import Config, DetectorsConfig, EmbedderSpec
-from memtrack.data import read_dataset
-from memtrack.detector_registry import run_detectors
-from memtrack.detectors import SpaceEvidence, adaptive_l2, copy_score, nn_ratio, per_row, tiled_l2
+from memtrack.data.dataset import read_dataset
+from memtrack.detectors.registry import run_detectors
+from memtrack.detectors.core import SpaceEvidence, adaptive_l2, copy_score, nn_ratio, per_row, tiled_l2
 from memtrack.embedders.pixel import PixelEmbedder, PixelOptions
-from memtrack.index import ReferenceIndex
-from memtrack.metrics import aggregate
-from memtrack.tracker import Tracker
+from memtrack.index.reference import ReferenceIndex
+from memtrack.detectors.metrics import aggregate
+from memtrack.scan.tracker import Tracker
 
 RES = 8
 
@@ -61,7 +61,7 @@ def sparse_ivf(crops, tmp_path_factory):
 
 def _capture(monkeypatch):
     """Record the evidence the tracker hands to the detectors."""
-    import memtrack.tracker as tr
+    import memtrack.scan.tracker as tr
 
     seen = {}
 
@@ -243,7 +243,7 @@ def _exact_ratio(space, q):
 
 def test_an_approximate_pixel_index_is_tuned_until_the_2nd_neighbour_of_generated_like_queries_is_found(
         crops, tmp_path):
-    from memtrack.index_recall import SecondNeighbour
+    from memtrack.index.recall import SecondNeighbour
 
     ref = ReferenceIndex.build(read_dataset(crops), [PixelEmbedder(PixelOptions(resolution=RES))], tmp_path / "r",
                                config(index_type="ivf_flat", recall_target=1.0, recall_queries=300))
@@ -273,7 +273,7 @@ def test_an_approximate_pixel_index_is_tuned_until_the_2nd_neighbour_of_generate
 def test_index_info_reports_the_2nd_neighbour_recall(crops, tmp_path, capsys):
     import json
 
-    from memtrack.cli import main
+    from memtrack.cli.main import main
 
     ReferenceIndex.build(read_dataset(crops), [PixelEmbedder(PixelOptions(resolution=RES))], tmp_path / "r",
                          config(index_type="hnsw", recall_queries=120))
@@ -307,7 +307,7 @@ def _lists(train: np.ndarray):
 
 
 def test_a_noisy_duplicate_defeats_nn_ratio_and_the_dedup_variant_catches_it():
-    from memtrack.detectors import duplicate_distance, nn_ratio_dedup
+    from memtrack.detectors.core import duplicate_distance, nn_ratio_dedup
 
     photos = _five_photos()
     twin = _noisy(photos[0], 0.01, seed=1)                       # the astronaut, seen twice (sigma = 0.01)
@@ -332,7 +332,7 @@ def test_a_noisy_duplicate_defeats_nn_ratio_and_the_dedup_variant_catches_it():
 
 
 def test_the_dedup_variant_end_to_end_on_a_built_index(tmp_path):
-    from memtrack.embedders import get_embedder
+    from memtrack.embedders.registry import get_embedder
 
     photos = _five_photos()
     folder = tmp_path / "data"
@@ -353,7 +353,7 @@ def test_the_dedup_variant_end_to_end_on_a_built_index(tmp_path):
 
 
 def test_train_lists_and_baseline_exclude_the_same_record_not_just_the_same_vector():
-    from memtrack import index_neighbours as nb
+    from memtrack.index import neighbours as nb
 
     a, mirror, b, c, vecs, rows = _views_case()
     stored = (vecs.reshape(4, -1) * 255).round().astype(np.uint8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_unet, write_checkpoint
-from memtrack.checkpoints import discover
+from memtrack.sampling.checkpoints import discover
 from memtrack.errors import CheckpointError
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memtrack.embedders import get_embedder, list_embedders
+from memtrack.embedders.registry import get_embedder, list_embedders
 from memtrack.embedders.clip import ClipEmbedder, ClipOptions
 from memtrack.errors import ConfigError, DependencyError
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from helpers_core import scene
 from memtrack.config import DataConfig
-from memtrack.data import _bounded_lines, open_image, read_dataset, read_images
+from memtrack.data.dataset import _bounded_lines, open_image, read_dataset, read_images
 from memtrack.errors import DataError, MemtrackError
 
 NAMES = ("astronaut", "coffee", "chelsea")

@@ -11,8 +11,8 @@ from PIL import Image
 pytest.importorskip("skimage")
 torch = pytest.importorskip("torch")
 
-from memtrack.data import read_dataset  # noqa: E402
-from memtrack.demo_train import RECIPE, build_demo_dataset, train_demo  # noqa: E402
+from memtrack.data.dataset import read_dataset  # noqa: E402
+from memtrack.demo.train import RECIPE, build_demo_dataset, train_demo  # noqa: E402
 from memtrack.errors import CheckpointError, DataError  # noqa: E402
 
 TINY = dict(resolution=16, batch_size=4, lr=1e-3, seed=0, ema_decay=0.9, block_out_channels=(4, 8), norm_num_groups=4,
@@ -114,7 +114,7 @@ def test_recipe_matches_train_demo_arguments():
 def test_loading_ema_weights_does_not_warn_about_emas_own_config_keys(demo_data, tmp_path):
     import logging
 
-    from memtrack.sampling import load_unet
+    from memtrack.sampling.unconditional import load_unet
 
     class Records(logging.Handler):  # diffusers' own handler may hold another test's captured stderr
         def __init__(self):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import real_image
-from memtrack.card import cell, label_of, measure_card
-from memtrack.card_cases import CASE_TYPES, Source, ground_truth
+from memtrack.card.measure import cell, label_of, measure_card
+from memtrack.card.cases import CASE_TYPES, Source, ground_truth
 from memtrack.config import EmbedderSpec
-from memtrack.metrics import wilson_interval
+from memtrack.detectors.metrics import wilson_interval
 from memtrack.report import card as report_card
 from memtrack.report.html import render_html
 from memtrack.report.markdown import render_markdown
@@ -120,7 +120,7 @@ def test_ground_truth_labels():
 
 def test_a_detector_out_of_its_regime_shows_not_applicable(monkeypatch, capsys):
     """A detector that reports ``applicable = False`` gets its reason in every cell, and no numbers."""
-    from memtrack.tracker import Tracker
+    from memtrack.scan.tracker import Tracker
 
     real = Tracker.assess
 
@@ -148,7 +148,7 @@ def test_a_detector_out_of_its_regime_shows_not_applicable(monkeypatch, capsys):
 def test_samples_a_detector_gives_no_verdict_are_counted_as_not_judged(monkeypatch):
     """A sample without a verdict (tiled_l2 on a copy of a nearly uniform image) counts as not flagged, and the
     card says how many there were, so a low recall is not mistaken for a miss."""
-    from memtrack.tracker import Tracker
+    from memtrack.scan.tracker import Tracker
 
     real = Tracker.assess
 
@@ -175,7 +175,7 @@ def test_a_new_detector_or_variant_becomes_a_row(monkeypatch):
     import copy as _copy
 
     from memtrack.config import Config
-    from memtrack.tracker import Tracker
+    from memtrack.scan.tracker import Tracker
 
     real = Tracker.assess
 
@@ -332,7 +332,7 @@ def test_a_missing_package_card_is_said_not_hidden(monkeypatch, tmp_path):
 
 def test_package_card_covers_every_built_in_detector():
     """Regenerate with `python benchmarks/detector_card.py --write-package-card` when a detector is added."""
-    from memtrack.detectors import list_detectors
+    from memtrack.detectors.core import list_detectors
 
     text = report_card.PACKAGE_CARD.read_text()
     card = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
@@ -353,11 +353,11 @@ def test_package_card_covers_every_built_in_detector():
 
 
 def test_index_build_card_is_measured_on_the_users_images_and_reaches_summary_and_report(tmp_path, train_dir):
-    from memtrack.card import read_index_card
-    from memtrack.cli import main
-    from memtrack.index import ReferenceIndex
-    from memtrack.report.summary import build_summary
-    from memtrack.store import RunStore
+    from memtrack.card.measure import read_index_card
+    from memtrack.cli.main import main
+    from memtrack.index.reference import ReferenceIndex
+    from memtrack.analysis.summary import build_summary
+    from memtrack.store.run_store import RunStore
 
     ref_dir = tmp_path / "ref"
     assert main(["index", "build", str(train_dir), "--out", str(ref_dir), "--resolution", "16", "--card"]) == 0

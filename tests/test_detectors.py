@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers_core import against_all, scene, training_images
 from memtrack.config import DetectorsConfig
-from memtrack.detectors import (DetectorOutput, SpaceEvidence, _tile_bounds, adaptive_l2, copy_score,
+from memtrack.detectors.core import (DetectorOutput, SpaceEvidence, _tile_bounds, adaptive_l2, copy_score,
                                 exact_rms_distances, list_detectors, nn_ratio, run_detectors, tiled_distances,
                                 tiled_l2)
 
@@ -145,8 +145,8 @@ def test_torch_cdist_is_not_exact_at_zero_which_is_why_memtrack_avoids_it():
 
 
 def test_grayscale_training_images_become_rgb_and_match_exactly(tmp_path):
-    from memtrack.data import open_image
-    from memtrack.embedders import get_embedder
+    from memtrack.data.dataset import open_image
+    from memtrack.embedders.registry import get_embedder
 
     gray = Image.fromarray(np.asarray(scene("camera", 32).convert("L")), "L")
     gray.save(tmp_path / "camera.png")

@@ -52,7 +52,7 @@ def _readme_commands() -> list[list[str]]:
 
 def test_every_readme_command_parses():
     """The README's commands are accepted by the real argument parser (they are not run: they name files)."""
-    from memtrack.cli import _parser
+    from memtrack.cli.main import _parser
 
     commands = _readme_commands()
     assert len(commands) >= 15

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from memtrack.dynamics import last_clean_checkpoint, onset, onsets
+from memtrack.analysis.dynamics import last_clean_checkpoint, onset, onsets
 
 STEPS = [100, 200, 300, 400, 500, 600]
 

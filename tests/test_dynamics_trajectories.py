@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memtrack.dynamics import (match_table, near_duplicate_counts, png_bytes_per_pixel, trajectories,
+from memtrack.analysis.dynamics import (match_table, near_duplicate_counts, png_bytes_per_pixel, trajectories,
                                which_images)
 
 STEPS = [100, 200, 300, 400, 500]

@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 
 from conftest import SCENES, tiny_unet, write_training_set
-from memtrack.checkpoints import discover
-from memtrack.cli import main
+from memtrack.sampling.checkpoints import discover
+from memtrack.cli.main import main
 from memtrack.config import Config
-from memtrack.index import ReferenceIndex
-from memtrack.store import RunStore
-from memtrack.tracker import Tracker
+from memtrack.index.reference import ReferenceIndex
+from memtrack.store.run_store import RunStore
+from memtrack.scan.tracker import Tracker
 
 FAST = ["--num-samples", "4", "--steps", "2"]
 
@@ -134,8 +134,8 @@ def test_the_content_hash_is_stored_and_an_old_manifest_gets_the_same_one(five, 
 
 def test_a_sharded_build_has_the_content_hash_of_a_one_process_build(five, tmp_path):
     from memtrack.config import EmbedderSpec
-    from memtrack.data import read_dataset
-    from memtrack.embedders import get_embedder
+    from memtrack.data.dataset import read_dataset
+    from memtrack.embedders.registry import get_embedder
 
     cfg = Config()
     cfg.index.embedders, cfg.index.shard_size = [EmbedderSpec("pixel", {"resolution": 16})], 2
@@ -146,7 +146,7 @@ def test_a_sharded_build_has_the_content_hash_of_a_one_process_build(five, tmp_p
     vectors = np.load(tmp_path / "one" / "pixel.vectors.npy")
     vectors[0, 0] ^= 1  # one pixel of one training image: another reference
     np.save(tmp_path / "one" / "pixel.vectors.npy", vectors)
-    from memtrack.index_hash import content_hash
+    from memtrack.index.content_hash import content_hash
 
     assert content_hash(tmp_path / "one", one.manifest, one.records) != one.content_hash
 
@@ -185,7 +185,7 @@ def test_a_scheduler_folder_that_appears_re_evaluates_when_it_changes_the_sample
 
 
 def test_the_planned_scheduler_is_the_one_that_samples(tiny_run):
-    from memtrack.sampling import load_pipeline, planned_scheduler, scheduler_identity
+    from memtrack.sampling.unconditional import load_pipeline, planned_scheduler, scheduler_identity
 
     cfg = _cfg().sampling
     for ck in discover(tiny_run):
@@ -228,7 +228,7 @@ def test_tracker_step_is_keyed_by_the_live_weights(tmp_path, pixel_index):
 def test_the_weights_hash_covers_every_tensor_and_nothing_else(tmp_path):
     import torch
 
-    from memtrack.sampling_t2i import weights_hash
+    from memtrack.sampling.text_to_image import weights_hash
 
     a, b = tiny_unet(seed=0), tiny_unet(seed=0)
     assert weights_hash(a) == weights_hash(b)
@@ -271,7 +271,7 @@ def test_text_to_image_keys_hold_the_base_pipelines_scheduler(tmp_path, pixel_in
     # the final pipeline samples with its own saved scheduler, which did not change
     DDIMScheduler.from_pretrained(base, subfolder="scheduler", beta_schedule="linear").save_pretrained(
         base / "scheduler")
-    from memtrack import sampling_t2i
+    from memtrack.sampling import text_to_image as sampling_t2i
 
     sampling_t2i._BASE.clear()  # a new process would not have the old base loaded
     again, _ = evaluate_all()

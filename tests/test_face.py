@@ -1,7 +1,7 @@
 """The face embedder on real faces that installed packages ship: scikit-image's astronaut (Eileen Collins)
 and matplotlib's grace_hopper.jpg. No network; dlib's models load once per module (and are cached by path).
 
-Images are decoded through ``memtrack.data.open_image`` -- the path training images take -- so grayscale,
+Images are decoded through ``memtrack.data.dataset.open_image`` -- the path training images take -- so grayscale,
 CMYK and EXIF-rotated files are covered as users' files would be.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ from PIL import Image, ImageEnhance, ImageOps
 
 pytest.importorskip("dlib")
 
-from memtrack.data import open_image  # noqa: E402
-from memtrack.embedders import get_embedder  # noqa: E402
-from memtrack.embedders import face as face_module  # noqa: E402
-from memtrack.embedders import face_backends  # noqa: E402
+from memtrack.data.dataset import open_image  # noqa: E402
+from memtrack.embedders.registry import get_embedder  # noqa: E402
+from memtrack.embedders import face as face_module
+from memtrack.embedders import face_backends
 from memtrack.embedders.face import FaceEmbedder, FaceOptions, dlib_model_dir  # noqa: E402
 from memtrack.errors import ConfigError, DependencyError  # noqa: E402
-from memtrack.identity import identity_interpolation, identity_leak  # noqa: E402
+from memtrack.identity.detect import identity_interpolation, identity_leak  # noqa: E402
 
 
 def _png(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:

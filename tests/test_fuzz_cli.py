@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import write_checkpoint, write_training_set
-from memtrack.cli import main
+from memtrack.cli.main import main
 from memtrack.config import DataConfig, load_config
-from memtrack.data import read_dataset
+from memtrack.data.dataset import read_dataset
 from memtrack.errors import ConfigError, DataError, GateError
-from memtrack.report import parse_gate, run_summary
+from memtrack.report.write import parse_gate, run_summary
 from test_config import _sections
 from test_data import _LINE
 from test_gate import FIELDS

@@ -1,7 +1,7 @@
 """Identity groups, calibration and the two identity detectors, on synthetic embeddings (pure functions).
 
 The geometry of the detector tests reproduces distances measured with dlib on real faces (astronaut vs
-Grace Hopper, see memtrack/identity.py): copies 0.06-0.24 from their source, pixel morphs 50/50 at
+Grace Hopper, see memtrack/identity/detect.py): copies 0.06-0.24 from their source, pixel morphs 50/50 at
 0.44 / 0.59, 35/65 at 0.29 / 0.64, 20/80 at 0.16 / 0.67.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from memtrack.identity import (calibrate_threshold, classify_faces, cluster_faces, identity_candidates,
+from memtrack.identity.detect import (calibrate_threshold, classify_faces, cluster_faces, identity_candidates,
                                identity_groups, identity_interpolation, identity_leak, nearest_identities,
                                pairwise_distances)
 

@@ -7,13 +7,13 @@ from PIL import Image
 
 pytest.importorskip("dlib")
 
-from memtrack.check import check_folder  # noqa: E402
+from memtrack.scan.check import check_folder  # noqa: E402
 from memtrack.config import Config, EmbedderSpec  # noqa: E402
-from memtrack.data import read_dataset  # noqa: E402
-from memtrack.demo_train import build_demo_dataset  # noqa: E402
-from memtrack.embedders import get_embedder  # noqa: E402
-from memtrack.index import ReferenceIndex  # noqa: E402
-from memtrack.report.summary import identities_block  # noqa: E402
+from memtrack.data.dataset import read_dataset  # noqa: E402
+from memtrack.demo.train import build_demo_dataset  # noqa: E402
+from memtrack.embedders.registry import get_embedder  # noqa: E402
+from memtrack.index.reference import ReferenceIndex  # noqa: E402
+from memtrack.analysis.summary import identities_block  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def _strict(text: str):
 
 
 def test_check_json_is_strict_json_when_scores_are_undefined(face_ref, tmp_path, capsys):
-    from memtrack.cli import main
+    from memtrack.cli.main import main
 
     data, ref_dir = face_ref
     gen = tmp_path / "gen"

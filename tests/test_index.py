@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import write_training_set
-from memtrack.data import read_dataset
-from memtrack.embedders import get_embedder
+from memtrack.data.dataset import read_dataset
+from memtrack.embedders.registry import get_embedder
 from memtrack.errors import DataError, FingerprintMismatch, IndexError_
-from memtrack.index import ReferenceIndex
+from memtrack.index.reference import ReferenceIndex
 
 
 def test_open_reads_back_everything(pixel_index, train_dir):
@@ -25,8 +25,8 @@ def test_open_reads_back_everything(pixel_index, train_dir):
 
 
 def test_search_finds_exact_copies_at_distance_zero(pixel_index, train_dir):
-    from memtrack.data import open_image
-    from memtrack.detectors import exact_rms_distances
+    from memtrack.data.dataset import open_image
+    from memtrack.detectors.core import exact_rms_distances
 
     ref = ReferenceIndex.open(pixel_index)
     emb = get_embedder({"name": "pixel", "resolution": 16})
@@ -86,7 +86,7 @@ def test_overwrite_replaces_atomically(tmp_path, train_dir):
 
 
 def test_failed_build_leaves_nothing(tmp_path, train_dir, monkeypatch):
-    import memtrack.index_space as space_mod
+    import memtrack.index.space as space_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import write_checkpoint
-from memtrack.cli import main as cli_main
+from memtrack.cli.main import main as cli_main
 from memtrack.config import load_config
-from memtrack.store import RunStore
+from memtrack.store.run_store import RunStore
 
 HERE = Path(__file__).parent
 TRAIN = HERE / "scripts" / "train_tiny.py"
@@ -133,7 +133,7 @@ def test_shipped_configs_load(name):
 
 
 def _tracker(index, run, **over):
-    from memtrack.tracker import Tracker
+    from memtrack.scan.tracker import Tracker
 
     cfg = load_config(None, {"sampling.num_samples": 4, "sampling.num_inference_steps": 2,
                              "tracking.quiet_period_s": 60.0, **over})
@@ -203,7 +203,7 @@ def test_match_grid_and_tensorboard_sink(tmp_path, pixel_index, train_dir):
     run = tmp_path / "run"
     write_checkpoint(run, 10, seed=0)
     tracker = _tracker(pixel_index, run)
-    ck = __import__("memtrack.checkpoints", fromlist=["discover"]).discover(run)[0]
+    ck = __import__("memtrack.sampling.checkpoints", fromlist=["discover"]).discover(run)[0]
     copies = [Image.open(p).convert("RGB") for p in sorted(train_dir.glob("*.png"))]
     result = tracker.evaluate(ck, pipeline=CopyPipeline(copies))
     assert result.metrics["nn_ratio"]["rate"] == 1.0
@@ -247,8 +247,8 @@ def test_match_grid_and_tensorboard_sink(tmp_path, pixel_index, train_dir):
 
 def test_prompt_sources(tmp_path, pixel_index):
     from memtrack.errors import ConfigError
-    from memtrack.index import ReferenceIndex
-    from memtrack.sampling_t2i import is_text_to_image, resolve_prompts
+    from memtrack.index.reference import ReferenceIndex
+    from memtrack.sampling.text_to_image import is_text_to_image, resolve_prompts
 
     ref = ReferenceIndex.open(pixel_index)
     cfg = load_config(None).sampling
@@ -266,7 +266,7 @@ def test_prompt_sources(tmp_path, pixel_index):
 
 
 def test_tracker_step_follows_the_cadence(tmp_path, pixel_index):
-    from memtrack.sampling import load_unet
+    from memtrack.sampling.unconditional import load_unet
 
     run = tmp_path / "run"
     write_checkpoint(run, 10, seed=0)
@@ -375,8 +375,8 @@ def test_sidecar_two_processes(tmp_path, pixel_index, train_dir, config_file):
 
 
 def test_in_process_two_processes_share_sampling(tmp_path, pixel_index, train_dir, config_file, monkeypatch, capfd):
-    from memtrack.checkpoints import discover
-    from memtrack.tracker import Tracker
+    from memtrack.sampling.checkpoints import discover
+    from memtrack.scan.tracker import Tracker
 
     monkeypatch.setenv("MEMTRACK_VERBOSITY", "info")
     out = tmp_path / "run"
@@ -410,8 +410,8 @@ def test_crashing_script_exit_code_and_what_exists_is_evaluated(tmp_path, pixel_
 
 
 def test_distributed_sampling_one_and_two_processes_identical(tmp_path, pixel_index, config_file):
-    from memtrack.checkpoints import discover
-    from memtrack.tracker import Tracker
+    from memtrack.sampling.checkpoints import discover
+    from memtrack.scan.tracker import Tracker
 
     run = tmp_path / "run"
     write_checkpoint(run, 10, seed=4)
@@ -428,7 +428,7 @@ def test_distributed_sampling_one_and_two_processes_identical(tmp_path, pixel_in
                               overrides={"tracking.every_n_steps": 5})
     ck = discover(run, include_final=False)[0]
     one.evaluate(ck)
-    from memtrack.sampling import load_unet
+    from memtrack.sampling.unconditional import load_unet
 
     one.step(10, unet=load_unet(ck.weights))
     with RunStore.open(run, folder=tmp_path / "two", create=False, readonly=True) as shared:
@@ -457,7 +457,7 @@ T2I = {"sampling.num_samples": 4, "sampling.num_inference_steps": 2, "sampling.r
 
 
 def _t2i_tracker(index, run, base, store_dir=None, **over):
-    from memtrack.tracker import Tracker
+    from memtrack.scan.tracker import Tracker
 
     return Tracker.from_config(None, index=index, run_dir=run, store_dir=store_dir,
                                overrides={**T2I, "sampling.pretrained_model": str(base), **over})
@@ -486,7 +486,7 @@ def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    from memtrack.checkpoints import discover
+    from memtrack.sampling.checkpoints import discover
 
     run = tmp_path / "run"
     ck_dir = run / "checkpoint-5"
@@ -508,7 +508,7 @@ def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd
     assert _hashes(tracker, cks[0]) != _hashes(tracker, cks[1])   # the checkpoint's own UNet was used
     trained = _hashes(tracker, cks[0])
     # the text encoder saved with the checkpoint is the one that samples: memtrack's pipeline holds its weights
-    from memtrack.sampling import load_pipeline
+    from memtrack.sampling.unconditional import load_pipeline
 
     saved = CLIPTextModel.from_pretrained(ck_dir / "text_encoder").state_dict()
     used = load_pipeline(cks[0], tracker.config.sampling, run).text_encoder.state_dict()
@@ -547,7 +547,7 @@ def test_lora_checkpoint_loads_on_the_base_and_unloads(tmp_path, pixel_index, ti
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from memtrack.checkpoints import discover
+    from memtrack.sampling.checkpoints import discover
 
     run = tmp_path / "run"
     unet = tiny_cond_unet(0)
@@ -574,8 +574,8 @@ def test_lora_checkpoint_loads_on_the_base_and_unloads(tmp_path, pixel_index, ti
     first = _hashes(tracker, cks["checkpoint-10"])
     assert _hashes(tracker, cks["checkpoint-40"]) == first   # same LoRA after another checkpoint: unloaded
     base = load_config(None, {**T2I}).sampling
-    from memtrack.checkpoints import inspect
-    from memtrack.sampling import sample
+    from memtrack.sampling.checkpoints import inspect
+    from memtrack.sampling.unconditional import sample
 
     plain = sample(inspect(run / "base-copy", 0, "final"), tracker.plan, base)
     assert plain.hashes() != first                        # the LoRA changed the samples

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from memtrack.detectors import DetectorOutput
-from memtrack.metrics import aggregate, per_sample_rows, rate_block, wilson_interval
+from memtrack.detectors.core import DetectorOutput
+from memtrack.detectors.metrics import aggregate, per_sample_rows, rate_block, wilson_interval
 
 
 @pytest.mark.parametrize("count,n,low,high", [

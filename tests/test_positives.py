@@ -17,9 +17,9 @@ import torch
 
 from conftest import COPYCAT_SCHEDULE
 from memorizing import CopycatPipeline, training_images, write_copycat_run
-from memtrack.cli import main
-from memtrack.store import RunStore
-from memtrack.tracker import png_bytes
+from memtrack.cli.main import main
+from memtrack.store.run_store import RunStore
+from memtrack.scan.tracker import png_bytes
 
 N = 16
 STEPS = sorted(COPYCAT_SCHEDULE)
@@ -56,7 +56,7 @@ def test_copycat_is_deterministic_seed_respecting_and_copies_what_it_says(train_
 
 
 def test_scan_of_the_copycat_flags_exactly_the_copies(copycat_scanned, train_dir, pixel_index):
-    from memtrack.index import ReferenceIndex
+    from memtrack.index.reference import ReferenceIndex
 
     names = [n for n, _ in training_images(train_dir)]
     row_ids = ReferenceIndex.open(pixel_index).train_ids  # a match is the record row of the index
@@ -148,7 +148,7 @@ def test_gates_on_known_rates(copycat_scanned, capsys):
 
 
 def test_another_copycat_schedule_is_another_checkpoint(tmp_path, train_dir):
-    from memtrack.checkpoints import discover
+    from memtrack.sampling.checkpoints import discover
 
     a = discover(write_copycat_run(tmp_path / "a", {10: 0}, train_dir))[0]
     b = discover(write_copycat_run(tmp_path / "b", {10: 3}, train_dir))[0]

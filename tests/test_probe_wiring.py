@@ -6,11 +6,11 @@ import json
 import pytest
 
 from conftest import write_training_set
-from memtrack.checkpoints import discover
-from memtrack.cli import main
+from memtrack.sampling.checkpoints import discover
+from memtrack.cli.main import main
 from memtrack.errors import ConfigError
-from memtrack.report import run_summary
-from memtrack.tracker import Tracker
+from memtrack.report.write import run_summary
+from memtrack.scan.tracker import Tracker
 from tiny_models import tiny_cond_unet, write_tiny_sd
 
 

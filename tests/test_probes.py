@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import real_image
-from memtrack.probes import (loss_gap, loss_gap_onset, noise_magnitude, noise_magnitude_block,
+from memtrack.probes.loss_gap import (loss_gap, loss_gap_onset, noise_magnitude, noise_magnitude_block,
                              noise_magnitude_trace, spread_timesteps)
 
 torch = pytest.importorskip("torch")
@@ -71,7 +71,7 @@ def _train(unet, images, steps: int, snapshot_at: int, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def image_sets():
-    from memtrack.probes import prepare_images
+    from memtrack.probes.loss_gap import prepare_images
 
     return (prepare_images([real_image(n) for n in TRAIN], SIZE),
             prepare_images([real_image(n) for n in HELDOUT], SIZE))

@@ -16,21 +16,21 @@ from PIL import Image
 
 from helpers_core import training_images
 from memtrack.config import Config, DetectorsConfig, EmbedderSpec
-from memtrack.data import read_dataset
-from memtrack.detector_registry import run_detectors
-from memtrack.detectors import SpaceEvidence, TOO_FLAT, tiled_l2
-from memtrack.dynamics import last_clean_checkpoint, onsets
-from memtrack.embedders import get_embedder
+from memtrack.data.dataset import read_dataset
+from memtrack.detectors.registry import run_detectors
+from memtrack.detectors.core import SpaceEvidence, TOO_FLAT, tiled_l2
+from memtrack.analysis.dynamics import last_clean_checkpoint, onsets
+from memtrack.embedders.registry import get_embedder
 from memtrack.errors import GateError
-from memtrack.index import ReferenceIndex
-from memtrack.metrics import aggregate
+from memtrack.index.reference import ReferenceIndex
+from memtrack.detectors.metrics import aggregate
 from memtrack.report.gate import check_gates
 from memtrack.report.markdown import render_markdown
 from memtrack.report.html import render_html
-from memtrack.report.summary import build_summary
+from memtrack.analysis.summary import build_summary
 from memtrack.report.terminal import render_table
-from memtrack.store import RunStore
-from memtrack.tracker import Tracker
+from memtrack.store.run_store import RunStore
+from memtrack.scan.tracker import Tracker
 
 
 def _save(folder, images):
@@ -187,7 +187,7 @@ def _pixel_evidence():
 
 
 def test_a_threshold_set_in_the_config_is_reported_as_config_and_defaults_keep_their_provenance():
-    from memtrack.tracker import thresholds_block
+    from memtrack.scan.tracker import thresholds_block
 
     cfg = Config()
     default = thresholds_block(run_detectors(_pixel_evidence(), cfg.detectors), cfg)
@@ -206,8 +206,8 @@ def test_a_threshold_set_in_the_config_is_reported_as_config_and_defaults_keep_t
 
 
 def test_the_identity_interpolation_ratio_is_memtracks_choice_never_published():
-    from memtrack.detector_registry import get_detector
-    from memtrack.detectors import DetectorOutput
+    from memtrack.detectors.registry import get_detector
+    from memtrack.detectors.core import DetectorOutput
 
     out = DetectorOutput("identity_interpolation", np.zeros(1), np.zeros(1, bool), np.zeros(1, np.int64), 0.6,
                          "above", {"verification_threshold_source": np.array(["calibrated"], dtype=object)})

@@ -21,17 +21,17 @@ from types import SimpleNamespace
 
 import pytest
 
-import memtrack.checkpoints as checkpoints_mod
-import memtrack.sampling as sampling_mod
+import memtrack.sampling.checkpoints as checkpoints_mod
+import memtrack.sampling.unconditional as sampling_mod
 from conftest import tiny_unet, write_checkpoint, write_training_set
-from memtrack.checkpoints import discover
-from memtrack.cli import main
+from memtrack.sampling.checkpoints import discover
+from memtrack.cli.main import main
 from memtrack.config import Config, EmbedderSpec
 from memtrack.errors import CheckpointError
-from memtrack.report import write_report
-from memtrack.sampling import load_unet
-from memtrack.store import RunStore
-from memtrack.tracker import Tracker
+from memtrack.report.write import write_report
+from memtrack.sampling.unconditional import load_unet
+from memtrack.store.run_store import RunStore
+from memtrack.scan.tracker import Tracker
 
 FAST = ["--num-samples", "4", "--steps", "2"]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -453,9 +453,9 @@ def test_hostile_file_names_and_captions_from_a_real_dataset_are_inert_in_the_re
     """The whole path (metadata -> index -> scan -> store -> report) keeps data text as text."""
     from PIL import Image
 
-    from memtrack.data import read_dataset
-    from memtrack.embedders import get_embedder
-    from memtrack.index import ReferenceIndex
+    from memtrack.data.dataset import read_dataset
+    from memtrack.embedders.registry import get_embedder
+    from memtrack.index.reference import ReferenceIndex
 
     data = write_training_set(tmp_path / "data", names=["coffee", "rocket"], metadata=False)
     os.rename(data / "coffee.png", data / XSS_FILE)

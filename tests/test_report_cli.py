@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from memtrack.cli import main
+from memtrack.cli.main import main
 
 
 @pytest.fixture()

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from conftest import real_image
-from memtrack import index_choice as ic
+from memtrack.index import choice as ic
 from memtrack.config import Config, EmbedderSpec
-from memtrack.data import Dataset, read_dataset
+from memtrack.data.dataset import Dataset, read_dataset
 from memtrack.embedders.pixel import PixelEmbedder, PixelOptions
 from memtrack.errors import IndexError_
-from memtrack.index import ReferenceIndex
+from memtrack.index.reference import ReferenceIndex
 
 RES = 8
 
@@ -272,7 +272,7 @@ def test_add_to_on_disk_ivf_index_finds_new_images(crops, tmp_path):
 
 
 def test_add_refuses_duplicates_and_a_crash_keeps_the_old_index(crops, tmp_path, monkeypatch):
-    import memtrack.index_update as upd
+    import memtrack.index.update as upd
 
     full_ds = read_dataset(crops)
     emb = [PixelEmbedder(PixelOptions(resolution=RES))]
@@ -292,7 +292,7 @@ def test_add_refuses_duplicates_and_a_crash_keeps_the_old_index(crops, tmp_path,
 
 
 def test_cli_add(crops, tmp_path, capsys):
-    from memtrack.cli import main
+    from memtrack.cli.main import main
 
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
@@ -326,7 +326,7 @@ def test_two_process_sharded_build_equals_one_process(crops, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("indexed 300 training images") == 1  # the main process alone reports
-    from memtrack.cli import main
+    from memtrack.cli.main import main
 
     assert main(["index", "build", *common, "--out", str(tmp_path / "one")]) == 0
     one, two = ReferenceIndex.open(tmp_path / "one"), ReferenceIndex.open(tmp_path / "two")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import write_checkpoint
-from memtrack.checkpoints import discover
-from memtrack.cli import main
+from memtrack.sampling.checkpoints import discover
+from memtrack.cli.main import main
 from memtrack.config import Config
-from memtrack.sampling import SamplePlan, load_pipeline, sample
-from memtrack.store import RunStore
-from memtrack.tracker import Tracker
+from memtrack.sampling.unconditional import SamplePlan, load_pipeline, sample
+from memtrack.store.run_store import RunStore
+from memtrack.scan.tracker import Tracker
 
 FAST = ["--num-samples", "6", "--steps", "2"]
 

@@ -11,10 +11,10 @@ import shutil
 import pytest
 
 from conftest import tiny_unet
-from memtrack.cli import main
+from memtrack.cli.main import main
 from memtrack.config import Config
-from memtrack.store import RunStore
-from memtrack.tracker import Tracker
+from memtrack.store.run_store import RunStore
+from memtrack.scan.tracker import Tracker
 
 
 def _scan(run, index, n):
@@ -124,8 +124,8 @@ def test_live_steps_and_checkpoints_at_the_same_step_are_both_reportable(tiny_ru
 def test_an_unforeseen_error_inside_a_command_is_exit_2_not_the_gates_1(command, debug, tiny_run, pixel_index,
                                                                        monkeypatch, capsys):
     _scan(tiny_run, pixel_index, 4)
-    import memtrack.report as report
-    import memtrack.report.summary as summary_mod
+    import memtrack.report.write as report
+    import memtrack.analysis.summary as summary_mod
 
     def boom(*a, **k):
         raise ValueError("steps must be distinct, got [10, 10]")
@@ -153,7 +153,7 @@ def test_a_memtrack_error_with_debug_is_still_exit_2(tmp_path, monkeypatch, caps
 
 
 def test_the_stored_series_identity_is_what_the_key_hashes(tiny_run, pixel_index):
-    from memtrack.eval_identity import series_key
+    from memtrack.scan.eval_identity import series_key
 
     _scan(tiny_run, pixel_index, 4)
     with RunStore.open(tiny_run, create=False) as store:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import real_image
-from memtrack.data import open_image, read_dataset
-from memtrack.embedders import get_embedder
+from memtrack.data.dataset import open_image, read_dataset
+from memtrack.embedders.registry import get_embedder
 from memtrack.errors import DataError
-from memtrack.index import ReferenceIndex
+from memtrack.index.reference import ReferenceIndex
 
 NAMES = ["astronaut", "coffee", "chelsea", "rocket", "camera"]
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 from helpers_core import scene
 from memtrack.config import Config, DetectorsConfig, EmbedderSpec
-from memtrack.detector_registry import run_detectors
-from memtrack.detectors import SpaceEvidence
-from memtrack.embedders import get_embedder, list_embedders
+from memtrack.detectors.registry import run_detectors
+from memtrack.detectors.core import SpaceEvidence
+from memtrack.embedders.registry import get_embedder, list_embedders
 from memtrack.errors import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -134,9 +134,9 @@ def test_clip_copy_is_calibrated_on_train_to_train_not_given_sscds_threshold():
 
 
 def test_an_sscd_index_scans_end_to_end(weights, tmp_path):
-    from memtrack.data import read_dataset
-    from memtrack.index import ReferenceIndex
-    from memtrack.tracker import Tracker, thresholds_block
+    from memtrack.data.dataset import read_dataset
+    from memtrack.index.reference import ReferenceIndex
+    from memtrack.scan.tracker import Tracker, thresholds_block
 
     folder = tmp_path / "data"
     folder.mkdir()

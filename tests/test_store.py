@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from memtrack.errors import StoreError
-from memtrack.store import DB_NAME, STORE_DIR, RunStore
+from memtrack.store.run_store import DB_NAME, STORE_DIR, RunStore
 
 
 def _metrics(rate=0.25):

@@ -10,9 +10,9 @@ import sqlite3
 
 import pytest
 
-from memtrack import store_schema
-from memtrack.cli import main
-from memtrack.store import DB_NAME, STORE_DIR, RunStore
+from memtrack.store import schema as store_schema
+from memtrack.cli.main import main
+from memtrack.store.run_store import DB_NAME, STORE_DIR, RunStore
 
 V1_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -15,13 +15,13 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from conftest import real_image
-from memtrack.cli import main
+from memtrack.cli.main import main
 from memtrack.config import Config, EmbedderSpec, load_config
-from memtrack.data import open_image, read_dataset
-from memtrack.embedders import get_embedder
+from memtrack.data.dataset import open_image, read_dataset
+from memtrack.embedders.registry import get_embedder
 from memtrack.embedders.pixel import crop_offsets
 from memtrack.errors import ConfigError, FingerprintMismatch
-from memtrack.index import ReferenceIndex
+from memtrack.index.reference import ReferenceIndex
 from memtrack.integrations.transform import (SCRIPTS, TransformMismatch, from_command, read_run_transform,
                                              verify_run_transform)
 
@@ -423,8 +423,8 @@ def test_launch_refuses_before_training_starts(tmp_path, capsys):
 
 
 def test_run_transform_is_recorded_in_summary_json(tmp_path):
-    from memtrack.report.summary import build_summary
-    from memtrack.store import RunStore
+    from memtrack.analysis.summary import build_summary
+    from memtrack.store.run_store import RunStore
 
     ref = _index_for(tmp_path, resolution=16, flip=True, crop="random")
     run = tmp_path / "run"
@@ -457,7 +457,7 @@ def test_detectors_flag_a_flipped_copy_only_when_the_index_has_mirrored_views(tm
     flags it. With them the copy's nearest vector is its source's mirrored view at distance 0, so both flag
     it (at 32 px: tiled_l2 needs tiles of >= 8 px). NOTE: after the candidates helper's per-row reduction, nn_ratio's d2 is the next *training image*
     (not the same image's unmirrored view); the verdict is the same (d1 = 0), this test keeps checking it."""
-    from memtrack.tracker import Tracker
+    from memtrack.scan.tracker import Tracker
 
     data = training_set(tmp_path / "data")
     emb = get_embedder({"name": "pixel", "resolution": 32, "flip": True})
@@ -478,7 +478,7 @@ def test_detectors_flag_a_flipped_copy_only_when_the_index_has_mirrored_views(tm
 
 def test_an_index_from_before_the_transform_was_recorded_is_refused(tmp_path):
     """Indexes built when the pixel space resized bicubic with no transform record: rebuild, not a silent scan."""
-    from memtrack.tracker import embedders_for
+    from memtrack.scan.tracker import embedders_for
 
     ref = _index_for(tmp_path, resolution=16)
     mpath = ref.path / "manifest.json"

@@ -48,7 +48,7 @@ def copying(monkeypatch, train_dir):
             n = len(generator) if isinstance(generator, list) else batch_size
             return SimpleNamespace(images=[copies[i % len(copies)] for i in range(n)])
 
-    monkeypatch.setattr("memtrack.tracker.load_pipeline", lambda *a, **k: CopyPipeline())
+    monkeypatch.setattr("memtrack.scan.tracker.load_pipeline", lambda *a, **k: CopyPipeline())
 
 
 def _config(**over):
@@ -92,7 +92,7 @@ def test_sidecar_logs_to_wandb_what_it_logs_to_tensorboard(tmp_path, pixel_index
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from memtrack.integrations.watch import Watcher
-    from memtrack.tracker import Tracker
+    from memtrack.scan.tracker import Tracker
 
     run = _run(tmp_path)
     cfg = _config(**{"tracking.loggers": ["tensorboard", "wandb"], "tracking.wandb_project": "train_unconditional"})

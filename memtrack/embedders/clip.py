@@ -20,7 +20,7 @@ tag with a GELU architecture, refuses OpenAI's own ``.pt`` files (recognised by 
 warns when the path of a weights file mentions "openai" (converted copies cannot be recognised by hash).
 
 Example:
-    >>> from memtrack.embedders import get_embedder
+    >>> from memtrack.embedders.registry import get_embedder
     >>> emb = get_embedder({"name": "clip", "model": "ViT-B-32", "pretrained": "/models/open_clip_model.bin"})
     >>> emb.dim
     512
@@ -36,12 +36,12 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..config import _f
-from ..errors import ConfigError
-from ..utils import get_logger, progress_bar
-from . import register_embedder
-from .base import Embedder, EmbedderOptions, l2_normalise
-from .clip_source import DEFAULT_PRETRAINED, _load_error, _open_clip, _openai_weights, _pair, _resolve, weights_sha256
+from memtrack.config import _f
+from memtrack.errors import ConfigError
+from memtrack.utils import get_logger, progress_bar
+from memtrack.embedders.registry import register_embedder
+from memtrack.embedders.base import Embedder, EmbedderOptions, l2_normalise
+from memtrack.embedders.clip_source import DEFAULT_PRETRAINED, _load_error, _open_clip, _openai_weights, _pair, _resolve, weights_sha256
 
 logger = get_logger(__name__)
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..errors import ConfigError, DependencyError
-from ..utils import get_logger, sha256_file, stable_hash
+from memtrack.errors import ConfigError, DependencyError
+from memtrack.utils import get_logger, sha256_file, stable_hash
 
 if TYPE_CHECKING:
-    from .clip import ClipOptions
+    from memtrack.embedders.clip import ClipOptions
 
 logger = get_logger(__name__)
 

@@ -21,7 +21,7 @@ Distances, for every backend, are Euclidean between the vectors this embedder re
 (:meth:`FaceEmbedder.distance`; for unit rows ``d = sqrt(2 - 2 cos)``), so one ratio test and one
 threshold unit serve all three. :attr:`FaceEmbedder.published_threshold` in that unit: dlib 0.6; ArcFace 1.2
 (cosine similarity 0.28, FAR 0.1% on LFW); FaceNet 1.04 (deepface's ``Facenet512`` euclidean_l2, the same
-VGGFace2 weights). :func:`memtrack.identity.calibrate_threshold` replaces it with the training set's own.
+VGGFace2 weights). :func:`memtrack.identity.detect.calibrate_threshold` replaces it with the training set's own.
 
 ``align: assume_aligned`` embeds the whole image as the aligned chip (resized to the chip size): for
 pre-aligned 32-64 px crops (CelebA/FFHQ style) where detectors find nothing. Measured (dlib): 32-px chips
@@ -34,8 +34,8 @@ scored 0.55-0.60 from Grace Hopper, under dlib's 0.6, and were counted as identi
 samples of the last checkpoint, the faces among them, pass.
 
 Example:
-    >>> from memtrack.data import open_image
-    >>> from memtrack.embedders import get_embedder
+    >>> from memtrack.data.dataset import open_image
+    >>> from memtrack.embedders.registry import get_embedder
     >>> face = get_embedder({"name": "face"})
     >>> batch = face.embed_faces([open_image("group.jpg")])   # every face: vectors [m, 128], image_index [m]
     >>> face.embed([open_image("portrait.jpg")])                 # [n, 128]: best face per image, NaN if none
@@ -52,10 +52,10 @@ from typing import ClassVar, Literal, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, DependencyError
-from ..utils import sha256_file
-from . import register_embedder
-from .base import Embedder, EmbedderOptions, ReferenceVectors
+from memtrack.errors import ConfigError, DependencyError
+from memtrack.utils import sha256_file
+from memtrack.embedders.registry import register_embedder
+from memtrack.embedders.base import Embedder, EmbedderOptions, ReferenceVectors
 
 _FACE_HINT = "pip install 'memtrack[face]'  (installs dlib-bin and face_recognition_models)"
 DLIB_PADDING = 0.25
@@ -397,7 +397,7 @@ def _backend(name: str) -> type[Recognizer]:
     """The recogniser class of ``face.backend`` (ArcFace and FaceNet live in :mod:`.face_backends`)."""
     if name == "dlib":
         return DlibRecognizer
-    from .face_backends import BACKENDS
+    from memtrack.embedders.face_backends import BACKENDS
 
     return BACKENDS[name]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, DependencyError
-from .base import l2_normalise
-from . import face as _face  # its is_facenet_available is looked up at call time (tests patch it)
-from .face import DLIB_PADDING, FaceOptions, Recognizer, sha256_of
+from memtrack.errors import ConfigError, DependencyError
+from memtrack.embedders.base import l2_normalise
+from memtrack.embedders import face as _face
+from memtrack.embedders.face import DLIB_PADDING, FaceOptions, Recognizer, sha256_of
 
 # insightface's ArcFace template for a 112-px chip: eye centres, nose tip, mouth corners (face_align.py)
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],

@@ -39,9 +39,9 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError
-from . import register_embedder
-from .base import Embedder, EmbedderOptions, ReferenceVectors
+from memtrack.errors import ConfigError
+from memtrack.embedders.registry import register_embedder
+from memtrack.embedders.base import Embedder, EmbedderOptions, ReferenceVectors
 
 #: torchvision's InterpolationMode names, as diffusers' ``--image_interpolation_mode`` spells them
 INTERPOLATIONS = ("bilinear", "bicubic", "lanczos", "nearest", "nearest_exact", "box", "hamming")
@@ -163,8 +163,8 @@ class PixelEmbedder(Embedder):
     # ----------------------------------------------------------------------------------- transform
     def rgb(self, image: Image.Image) -> Image.Image:
         """``image`` as RGB following ``alpha`` (a no-op for RGB images such as
-        :func:`~memtrack.data.open_image` returns)."""
-        from ..data import to_rgb
+        :func:`~memtrack.data.dataset.open_image` returns)."""
+        from memtrack.data.dataset import to_rgb
 
         return to_rgb(image, self.alpha)
 

@@ -33,9 +33,9 @@ from typing import Any, ClassVar, Literal, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, DependencyError
-from . import register_embedder
-from .base import Embedder, EmbedderOptions, l2_normalise
+from memtrack.errors import ConfigError, DependencyError
+from memtrack.embedders.registry import register_embedder
+from memtrack.embedders.base import Embedder, EmbedderOptions, l2_normalise
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

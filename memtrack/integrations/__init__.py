@@ -8,6 +8,6 @@
   (``tracking.loggers``): the run's tensorboard folder, and :mod:`.wandb_sink`, a wandb run of memtrack's own.
 * :mod:`.cli` -- the ``watch`` and ``launch`` sub-commands.
 
-``Tracker.step`` (custom loops) lives on :class:`memtrack.tracker.Tracker`. Nothing here is imported by
+``Tracker.step`` (custom loops) lives on :class:`memtrack.scan.tracker.Tracker`. Nothing here is imported by
 the library; import the module you need.
 """

@@ -37,9 +37,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..checkpoints import inspect
-from ..utils import get_logger
-from .logging import log_to_accelerator, match_grid
+from memtrack.sampling.checkpoints import inspect
+from memtrack.utils import get_logger
+from memtrack.integrations.logging import log_to_accelerator, match_grid
 
 logger = get_logger(__name__)
 
@@ -55,7 +55,7 @@ class SaveStateHook:
     """Evaluates every ``checkpoint-N`` that ``Accelerator.save_state`` writes, without deadlocks.
 
     Args:
-        build: makes the :class:`~memtrack.tracker.Tracker` (see :data:`TrackerFactory`).
+        build: makes the :class:`~memtrack.scan.tracker.Tracker` (see :data:`TrackerFactory`).
         run_dir: the training output dir (default: the parent of the first checkpoint saved).
         strategy: ``deferred`` or ``rank0`` (see the module doc); one process always evaluates at once.
     """
@@ -175,7 +175,7 @@ class SaveStateHook:
             else:
                 readable = ck is not None
             if not readable:
-                from .watch import _placeholder
+                from memtrack.integrations.watch import _placeholder
 
                 result = tracker.skip(_placeholder(path, step, path.name),
                                       "unknown layout: no unet/, unet_ema/ or LoRA weights")
@@ -206,7 +206,7 @@ class SaveStateHook:
             self._evaluate_alone(Path(path), step)
         if self.run_dir is None:
             return self.results
-        from .watch import sweep
+        from memtrack.integrations.watch import sweep
 
         tracker = self._tracker(None, collective=False)
         self.results.extend(sweep(tracker, self.run_dir))
@@ -238,8 +238,8 @@ def track_accelerator(index: str | Path, config: str | Path | None = None, *, ru
         >>> ...  # accelerator.save_state(f"{args.output_dir}/checkpoint-{step}") as usual
         >>> hook.finalize()
     """
-    from ..config import load_config
-    from .inprocess import TrackingOptions, make_factory
+    from memtrack.config import load_config
+    from memtrack.integrations.inprocess import TrackingOptions, make_factory
 
     opts = TrackingOptions(str(index), str(config) if config else None, dict(overrides or {}),
                            str(store_dir) if store_dir else None, str(run_dir) if run_dir else None)

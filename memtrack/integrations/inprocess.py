@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ConfigError
+from memtrack.errors import ConfigError
 
 ENV = "MEMTRACK_INPROCESS"
 
@@ -106,8 +106,8 @@ def script_flag(argv: list[str], name: str) -> Optional[str]:
 
 def make_factory(opts: TrackingOptions):
     """``build(accelerator_or_None) -> Tracker`` for :class:`SaveStateHook`."""
-    from ..config import load_config
-    from ..tracker import Tracker
+    from memtrack.config import load_config
+    from memtrack.scan.tracker import Tracker
 
     def build(acc):
         overrides = dict(opts.overrides)
@@ -121,11 +121,11 @@ def make_factory(opts: TrackingOptions):
 
 def run(argv: list[str]) -> int:
     """Install the hook, run the script as ``__main__``, finalize on the main process; the script's code."""
-    from ..config import load_config
-    from .hooks import SaveStateHook
+    from memtrack.config import load_config
+    from memtrack.integrations.hooks import SaveStateHook
 
-    from ..index import ReferenceIndex
-    from .transform import verify_run_transform
+    from memtrack.index.reference import ReferenceIndex
+    from memtrack.integrations.transform import verify_run_transform
 
     opts, script_argv, module = parse_args(argv)
     cfg = load_config(opts.config, opts.overrides)  # 1. fail before training: config, index, transform
@@ -151,7 +151,7 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:  # pragma: no cover - exercised through subprocesses
-    from ..errors import MemtrackError
+    from memtrack.errors import MemtrackError
 
     try:
         sys.exit(run(sys.argv[1:]))

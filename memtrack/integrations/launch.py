@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..errors import ConfigError, MemtrackError
-from ..utils import get_logger
-from .inprocess import ENV, TrackingOptions, script_flag
-from .transform import verify_run_transform
+from memtrack.errors import ConfigError, MemtrackError
+from memtrack.utils import get_logger
+from memtrack.integrations.inprocess import ENV, TrackingOptions, script_flag
+from memtrack.integrations.transform import verify_run_transform
 
 logger = get_logger(__name__)
 
@@ -155,10 +155,10 @@ def launch(command: Sequence[str], *, index: str | Path, config: str | Path | No
             command's environment as it was. This process takes the thread budget of
             :mod:`memtrack.budget` (``tracking.threads``, else the cores training leaves).
     """
-    from .. import budget
-    from ..config import load_config
-    from ..index import ReferenceIndex
-    from ..report.gate import parse_gate
+    from memtrack import budget
+    from memtrack.config import load_config
+    from memtrack.index.reference import ReferenceIndex
+    from memtrack.report.gate import parse_gate
 
     cmd = TrainingCommand.parse(command)
     run_dir = cmd.output_dir
@@ -181,7 +181,7 @@ def launch(command: Sequence[str], *, index: str | Path, config: str | Path | No
 
 def _record_transform(run_dir, store, record: dict) -> None:
     """Keep the run's transform (and where each value was read) in the run store, for summary.json."""
-    from ..store import RunStore
+    from memtrack.store.run_store import RunStore
 
     rs = RunStore.open(run_dir, folder=store)
     try:
@@ -191,13 +191,13 @@ def _record_transform(run_dir, store, record: dict) -> None:
 
 
 def _tracker(cfg, ref, run_dir, store):
-    from ..tracker import Tracker
+    from memtrack.scan.tracker import Tracker
 
     return Tracker.from_config(cfg, index=ref, run_dir=run_dir, store_dir=store)
 
 
 def _run_sidecar(argv, env, cfg, ref, run_dir, store, stop_on, on_result=None) -> LaunchResult:
-    from .watch import Watcher
+    from memtrack.integrations.watch import Watcher
 
     tracker = _tracker(cfg, ref, run_dir, store)  # 2. the store exists before the first checkpoint
     tripped: list = []
@@ -227,7 +227,7 @@ def _run_sidecar(argv, env, cfg, ref, run_dir, store, stop_on, on_result=None) -
 
 
 def _run_in_process(argv, env, cfg, ref, run_dir, store, stop_on) -> LaunchResult:
-    from .watch import sweep
+    from memtrack.integrations.watch import sweep
 
     proc = subprocess.Popen(argv, env=env)
     tripped: list = []
@@ -268,8 +268,8 @@ def _ending(proc, tripped, error, results) -> LaunchResult:
 
 
 def _tripped(store, run_dir, gates) -> Optional[str]:
-    from ..report.gate import check_gates
-    from ..report.summary import build_summary
+    from memtrack.report.gate import check_gates
+    from memtrack.analysis.summary import build_summary
 
     for gate, hit, observed in check_gates(build_summary(store, run_dir), list(gates)):
         if hit:
@@ -278,8 +278,8 @@ def _tripped(store, run_dir, gates) -> Optional[str]:
 
 
 def _tripped_readonly(run_dir, store_dir, gates) -> Optional[str]:
-    from ..errors import StoreError
-    from ..store import RunStore
+    from memtrack.errors import StoreError
+    from memtrack.store.run_store import RunStore
 
     try:
         store = RunStore.open(run_dir, folder=store_dir, create=False, readonly=True)

@@ -21,9 +21,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 from PIL import Image
 
-from ..data import open_image
-from ..errors import DataError
-from ..utils import get_logger
+from memtrack.data.dataset import open_image
+from memtrack.errors import DataError
+from memtrack.utils import get_logger
 
 logger = get_logger(__name__)
 
@@ -83,7 +83,7 @@ def log_to_accelerator(accelerator: Any, result, grid: Optional[np.ndarray], *, 
     """Log ``result`` (and the match grid) to ``accelerator.trackers`` at the checkpoint's step.
 
     Only the main process logs (accelerate's trackers live there). ``scalars=False`` when the
-    :class:`~memtrack.tracker.Tracker` already logged them itself (it does when it holds the accelerator).
+    :class:`~memtrack.scan.tracker.Tracker` already logged them itself (it does when it holds the accelerator).
     """
     if accelerator is None or not getattr(accelerator, "is_main_process", True):
         return
@@ -194,7 +194,7 @@ def register_sink(name: str, factory: Callable, *, overwrite: bool = False) -> N
 
 
 def _wandb_sink(run_dir, tracking):
-    from .wandb_sink import WandbSink  # wandb is optional: imported only when asked for
+    from memtrack.integrations.wandb_sink import WandbSink  # wandb is optional: imported only when asked for
 
     return WandbSink.for_run(run_dir, tracking)
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import FingerprintMismatch
-from ..utils import get_logger
-from .inprocess import script_flag
+from memtrack.errors import FingerprintMismatch
+from memtrack.utils import get_logger
+from memtrack.integrations.inprocess import script_flag
 
 logger = get_logger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DependencyError
-from ..utils import get_logger, stable_hash
-from .logging import GRID_TAG, result_scalars
+from memtrack.errors import DependencyError
+from memtrack.utils import get_logger, stable_hash
+from memtrack.integrations.logging import GRID_TAG, result_scalars
 
 logger = get_logger(__name__)
 

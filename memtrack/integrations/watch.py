@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..checkpoints import LORA_FILE, Checkpoint, discover, inspect
-from ..errors import CheckpointError
-from ..utils import get_logger
-from .logging import log_to_accelerator, match_grid, sinks_for_run
+from memtrack.sampling.checkpoints import LORA_FILE, Checkpoint, discover, inspect
+from memtrack.errors import CheckpointError
+from memtrack.utils import get_logger
+from memtrack.integrations.logging import log_to_accelerator, match_grid, sinks_for_run
 
 logger = get_logger(__name__)
 
@@ -121,7 +121,7 @@ class Watcher:
     """Evaluates each checkpoint of a run once, as it appears.
 
     Args:
-        tracker: the :class:`~memtrack.tracker.Tracker` (holding the run's store).
+        tracker: the :class:`~memtrack.scan.tracker.Tracker` (holding the run's store).
         run_dir: the training script's ``--output_dir``.
         sink: where results are logged: ``"auto"`` (the sinks ``tracking.loggers`` names, see
             :func:`~.logging.sinks_for_run`), another sink, or None (store only).
@@ -272,7 +272,7 @@ class Watcher:
 
 def final_checkpoint(run_dir: Path, prefer_ema: bool = True) -> Optional[Checkpoint]:
     """The final pipeline / LoRA weights saved in ``run_dir`` (None when absent or identical to the last
-    checkpoint, following :func:`~memtrack.checkpoints.discover`)."""
+    checkpoint, following :func:`~memtrack.sampling.checkpoints.discover`)."""
     try:
         cks = discover(run_dir, prefer_ema=prefer_ema, include_final=True)
     except CheckpointError:

@@ -2,7 +2,7 @@
 
 The card is measured by ``benchmarks/detector_card.py`` on labelled real images (exact copies, flips,
 crops, shifts, JPEG, noise, colour jitter, duplicated training images, blends, novel images, augmented
-faces, morphs, other people; see :mod:`memtrack.card_cases`) through the same ``Tracker.assess`` path a
+faces, morphs, other people; see :mod:`memtrack.card.cases`) through the same ``Tracker.assess`` path a
 scan uses, and shipped with the package as ``detector_card.json`` beside this module. A summary may carry
 its own card (``summary["detector_card"]``, same schema), which then takes precedence. Nothing here opens
 an index or a model: the report reads summary.json and package data only.
@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 from typing import Iterator
 
-from ..utils import get_logger
-from .text import COUNT_LABELS, METRIC_LABELS
+from memtrack.utils import get_logger
+from memtrack.report.text import COUNT_LABELS, METRIC_LABELS
 
 logger = get_logger(__name__)
 
@@ -206,7 +206,7 @@ _RULE = (f"Sees: recall at least {SEES:.0%} on the card's cases of that kind; mi
 
 def card_html(summary: dict):
     """The HTML section ``#card`` (empty when the run used no detector)."""
-    from .markup import Raw, esc, section, table
+    from memtrack.report.markup import Raw, esc, section, table
 
     view = card_view(summary)
     if view is None:
@@ -228,7 +228,7 @@ def card_html(summary: dict):
 
 def card_markdown(summary: dict) -> str:
     """The same card as a collapsed Markdown block (empty when the run used no detector)."""
-    from .markdown import md
+    from memtrack.report.markdown import md
 
     view = card_view(summary)
     if view is None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import statistics
 
-from .card import card_html
-from .html_charts import curves_section, distributions_section, run_names, trajectories_section
-from .html_gallery import identities_section, matches_section
-from .html_probes import probes_section
-from .markup import Raw, badge, esc, facts, section, table
-from .series import series_lines
-from .style import CSS
-from .text import (changes_sentence, checkpoints, fmt_ci, fmt_num, fmt_pct, fmt_step, label, na_text,
+from memtrack.report.card import card_html
+from memtrack.report.html_charts import curves_section, distributions_section, run_names, trajectories_section
+from memtrack.report.html_gallery import identities_section, matches_section
+from memtrack.report.html_probes import probes_section
+from memtrack.report.markup import Raw, badge, esc, facts, section, table
+from memtrack.analysis.series import series_lines
+from memtrack.report.style import CSS
+from memtrack.report.text import (changes_sentence, checkpoints, fmt_ci, fmt_num, fmt_pct, fmt_step, label, na_text,
                    onset_cell, onset_sentences, rate_metrics, recommended_sentence, table_metrics)
 
 

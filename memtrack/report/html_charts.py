@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from . import svg
-from .markup import Raw, badge, esc, legend, section, table
-from .text import (COUNT_LABELS, checkpoints, count_series, fmt_ci, fmt_num, fmt_pct,
+from memtrack.report import svg
+from memtrack.report.markup import Raw, badge, esc, legend, section, table
+from memtrack.report.text import (COUNT_LABELS, checkpoints, count_series, fmt_ci, fmt_num, fmt_pct,
                    fmt_step, label, rate_metrics, series)
 
 

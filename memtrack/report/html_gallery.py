@@ -2,8 +2,8 @@
 (generated | identity A | identity B) and the leaked-identities table."""
 from __future__ import annotations
 
-from .markup import Raw, badge, esc, img, section, table
-from .text import checkpoints, comparison, fmt_step, label
+from memtrack.report.markup import Raw, badge, esc, img, section, table
+from memtrack.report.text import checkpoints, comparison, fmt_step, label
 
 
 def _threshold_source(summary: dict, detector: str) -> Raw | str:

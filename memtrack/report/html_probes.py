@@ -2,9 +2,9 @@
 were reproduced (first step, near-duplicates, simplicity)."""
 from __future__ import annotations
 
-from . import svg
-from .markup import Raw, esc, legend, section, table
-from .text import fmt_num, fmt_step
+from memtrack.report import svg
+from memtrack.report.markup import Raw, esc, legend, section, table
+from memtrack.report.text import fmt_num, fmt_step
 
 
 def _gap_figure(summary: dict) -> str:

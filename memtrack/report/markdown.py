@@ -15,13 +15,13 @@ import io
 import re
 from pathlib import Path
 
-from ..utils import atomic_write_bytes
-from .card import card_markdown
-from .html_charts import run_names
-from .markup import image_mime
-from .series import series_lines
-from .svg import DASHES, OKABE_ITO
-from .text import (changes_sentence, checkpoints, comparison, fmt_ci, fmt_pct, fmt_step, label, na_text,
+from memtrack.utils import atomic_write_bytes
+from memtrack.report.card import card_markdown
+from memtrack.report.html_charts import run_names
+from memtrack.report.markup import image_mime
+from memtrack.analysis.series import series_lines
+from memtrack.report.svg import DASHES, OKABE_ITO
+from memtrack.report.text import (changes_sentence, checkpoints, comparison, fmt_ci, fmt_pct, fmt_step, label, na_text,
                    onset_cell, onset_sentences, rate_metrics, recommended_sentence, series, table_metrics)
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp"}

@@ -10,7 +10,7 @@ import base64
 import struct
 from typing import Iterable, Sequence
 
-from .svg import esc
+from memtrack.report.svg import esc
 
 
 class Raw(str):

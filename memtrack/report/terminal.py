@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import unicodedata
 
-from .series import series_lines
-from .text import (changes_sentence, checkpoints, fmt_ci, fmt_pct, fmt_step, label, na_text, onset_cell,
+from memtrack.analysis.series import series_lines
+from memtrack.report.text import (changes_sentence, checkpoints, fmt_ci, fmt_pct, fmt_step, label, na_text, onset_cell,
                    onset_sentences, recommended_sentence, table_metrics)
 
 _HEADERS = ("metric", "flagged", "95% CI", "count/n", "onset")

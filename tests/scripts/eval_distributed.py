@@ -11,10 +11,10 @@ import json
 
 from accelerate import Accelerator
 
-from memtrack.checkpoints import discover
+from memtrack.sampling.checkpoints import discover
 from memtrack.config import load_config
-from memtrack.sampling import load_unet
-from memtrack.tracker import Tracker
+from memtrack.sampling.unconditional import load_unet
+from memtrack.scan.tracker import Tracker
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Store in, summary out: onsets, trajectories, which images, the series chosen."""

@@ -1,0 +1,1 @@
+"""The detector card: labelled ground-truth cases and each detector's precision and recall."""

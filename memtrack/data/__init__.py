@@ -1,0 +1,1 @@
+"""Training data: records, image opening, and the readers for folders, webdataset, parquet."""

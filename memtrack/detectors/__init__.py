@@ -1,0 +1,1 @@
+"""Memorization detectors: pure functions over candidates, and their registry (DetectorSpec)."""

@@ -1,0 +1,1 @@
+"""Identity leakage and interpolation: face evidence, groups, calibration."""

@@ -1,0 +1,1 @@
+"""Cheap signals that need no full sampling (loss gap)."""

@@ -1,0 +1,1 @@
+"""Checkpoints, seed plans and pipelines that draw the fixed-seed samples."""

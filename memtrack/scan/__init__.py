@@ -1,0 +1,1 @@
+"""The tracker: evaluate a checkpoint (sample, embed, search, detect, store)."""

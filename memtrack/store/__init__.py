@@ -1,0 +1,1 @@
+"""The resumable run store: evaluations, thumbnails, schema migrations."""
