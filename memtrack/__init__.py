@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 _LAZY = {"Tracker": "memtrack.scan.tracker", "ReferenceIndex": "memtrack.index.reference", "RunStore": "memtrack.store.run_store",
          "load_config": "memtrack.config", "Config": "memtrack.config", "discover": "memtrack.sampling.checkpoints",
          "read_dataset": "memtrack.data.dataset", "get_embedder": "memtrack.embedders.registry",
-         "register_embedder": "memtrack.embedders.registry", "register_detector": "memtrack.detectors.core",
+         "register_embedder": "memtrack.embedders.registry", "register_detector": "memtrack.detectors.registry",
          "write_report": "memtrack.report.write", "MemtrackError": "memtrack.errors"}
 
 

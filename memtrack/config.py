@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from memtrack.errors import ConfigError
+from memtrack.errors import ConfigError, IndexError_
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+def documented_field(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
     meta = {"help": help}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
@@ -35,19 +35,24 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datacl
 INTERPOLATION_MODES = Literal["bilinear", "bicubic", "lanczos", "nearest", "nearest_exact", "box", "hamming"]
 
 
+#: the index types ``index.index_type`` accepts (memtrack.index.choice builds them)
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf_flat", "ivf_pq")
+#: the names ``tracking.loggers`` accepts; :func:`memtrack.integrations.logging.register_sink` adds to it
+LOGGERS: set[str] = {"tensorboard", "wandb"}
+
 @dataclass
 class TransformConfig:
     """The training script's image transform (docs/transform.md). A field left unset (null) is read from the
     launched command or the run's recorded hparams.yml; one that is set wins over both. ``memtrack index
     build`` gives the pixel space the fields that are set."""
 
-    resolution: Optional[int] = _f(None, "--resolution: the shorter side is resized to this and a square of it "
+    resolution: Optional[int] = documented_field(None, "--resolution: the shorter side is resized to this and a square of it "
                                    "cropped (the pixel space's train_resolution)")
-    interpolation: Optional[INTERPOLATION_MODES] = _f(None, "--image_interpolation_mode of the Resize (bilinear in "
+    interpolation: Optional[INTERPOLATION_MODES] = documented_field(None, "--image_interpolation_mode of the Resize (bilinear in "
                                                       "scripts without the flag)")
-    crop: Optional[Literal["center", "random", "none"]] = _f(None, "center with --center_crop; random without it "
+    crop: Optional[Literal["center", "random", "none"]] = documented_field(None, "center with --center_crop; random without it "
                                                              "(the scripts' default); none: squashed (not diffusers)")
-    flip: Optional[bool] = _f(None, "--random_flip: the run mirrors images at random")
+    flip: Optional[bool] = documented_field(None, "--random_flip: the run mirrors images at random")
 
     def set_fields(self) -> dict:
         """The fields given a value."""
@@ -56,104 +61,104 @@ class TransformConfig:
 
 @dataclass
 class DataConfig:
-    caption_column: str = _f("text", "metadata column holding the caption (HF imagefolder convention)")
-    identity_column: str = _f("identity", "metadata column holding the person/identity label")
-    max_image_pixels: int = _f(64_000_000, "images with more pixels are refused (decompression-bomb guard)")
-    max_metadata_line_bytes: int = _f(1_000_000, "metadata lines longer than this are refused")
-    follow_symlinks_outside: bool = _f(False, "allow files that resolve outside the dataset folder")
-    transform: TransformConfig = _f(factory=TransformConfig, help="the training script's image transform")
+    caption_column: str = documented_field("text", "metadata column holding the caption (HF imagefolder convention)")
+    identity_column: str = documented_field("identity", "metadata column holding the person/identity label")
+    max_image_pixels: int = documented_field(64_000_000, "images with more pixels are refused (decompression-bomb guard)")
+    max_metadata_line_bytes: int = documented_field(1_000_000, "metadata lines longer than this are refused")
+    follow_symlinks_outside: bool = documented_field(False, "allow files that resolve outside the dataset folder")
+    transform: TransformConfig = documented_field(factory=TransformConfig, help="the training script's image transform")
 
 
 @dataclass
 class EmbedderSpec:
     """One embedding space of the reference index: a registered embedder name and its options."""
 
-    name: str = _f("pixel", "registered embedder name: pixel, clip, face, ... (see `memtrack env`)")
-    options: dict = _f(factory=dict, help="options of that embedder (validated by the embedder)")
+    name: str = documented_field("pixel", "registered embedder name: pixel, clip, face, ... (see `memtrack env`)")
+    options: dict = documented_field(factory=dict, help="options of that embedder (validated by the embedder)")
 
 
 @dataclass
 class IndexConfig:
-    embedders: list = _f(factory=lambda: [EmbedderSpec("pixel", {})],
+    embedders: list = documented_field(factory=lambda: [EmbedderSpec("pixel", {})],
                          help="embedding spaces to index: list of {name, options}")
-    k: int = _f(10, "candidates returned by the index per query, re-checked exactly by the detectors")
-    index_type: str = _f("auto", "faiss index: auto (exact Flat while the vectors take <= 256 MiB, then HNSW, "
+    k: int = documented_field(10, "candidates returned by the index per query, re-checked exactly by the detectors")
+    index_type: str = documented_field("auto", "faiss index: auto (exact Flat while the vectors take <= 256 MiB, then HNSW, "
                          "IVF-Flat, IVF+PQ with exact re-ranking, by size and memory budget; see docs/scale.md), "
                          "or force one of flat, hnsw, ivf_flat, ivf_pq")
-    baseline_k: int = _f(50, "pixel space: nearest other training images kept per training image (train->train "
+    baseline_k: int = documented_field(50, "pixel space: nearest other training images kept per training image (train->train "
                          "lists: adaptive_l2 needs detectors.adaptive_n - 1 of them; near-duplicates and the tiled "
                          "baseline use them)")
-    batch_size: int = _f(64, "images per embedding batch")
-    memory_budget: Optional[Union[int, str]] = _f(None, "memory the faiss index may take, e.g. 16GB or 512MiB "
+    batch_size: int = documented_field(64, "images per embedding batch")
+    memory_budget: Optional[Union[int, str]] = documented_field(None, "memory the faiss index may take, e.g. 16GB or 512MiB "
                                                   "(default: half the physical memory); larger IVF indexes keep "
                                                   "their lists on disk")
-    recall_target: float = _f(0.95, "approximate indexes: nprobe/efSearch are tuned until recall@k against "
+    recall_target: float = documented_field(0.95, "approximate indexes: nprobe/efSearch are tuned until recall@k against "
                               "exact search reaches this (measured on held-out training vectors)")
-    recall_queries: int = _f(1000, "held-out training vectors used to measure recall")
-    on_disk: Optional[bool] = _f(None, "IVF inverted lists in a file beside the index (default: when the "
+    recall_queries: int = documented_field(1000, "held-out training vectors used to measure recall")
+    on_disk: Optional[bool] = documented_field(None, "IVF inverted lists in a file beside the index (default: when the "
                                  "index is larger than the memory budget)")
-    shard_size: int = _f(10_000, "records per shard of a sharded / resumable build (--shard-dir, accelerate)")
-    read_workers: int = _f(2, "threads reading and decoding images ahead of the embedder (0: none)")
+    shard_size: int = documented_field(10_000, "records per shard of a sharded / resumable build (--shard-dir, accelerate)")
+    read_workers: int = documented_field(2, "threads reading and decoding images ahead of the embedder (0: none)")
 
 
 @dataclass
 class SamplingConfig:
-    num_samples: int = _f(64, "samples drawn from every checkpoint; sample i always starts from the same noise")
-    batch_size: int = _f(32, "samples per forward batch")
-    seed: int = _f(0, "base seed; sample i uses seed + i")
-    num_inference_steps: int = _f(50, "denoising steps per sample")
-    scheduler: Literal["ddim", "ddpm", "run"] = _f("ddim", "sampler: ddim, ddpm, or the run's own saved scheduler")
-    prefer_ema: bool = _f(True, "evaluate unet_ema/ when a checkpoint has it")
-    device: str = _f("cpu", "torch device for sampling, e.g. cuda:1")
-    dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "sampling precision")
-    num_train_timesteps: int = _f(1000, "scheduler fallback when the run saved no scheduler/ (--ddpm_num_steps)")
-    beta_schedule: str = _f("linear", "scheduler fallback (--ddpm_beta_schedule)")
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] = _f("epsilon", "scheduler fallback (--prediction_type)")
-    pretrained_model: Optional[str] = _f(None, "base pipeline for text-to-image / DreamBooth / LoRA checkpoints")
-    prompts: Literal["captions", "instance", "file", "none"] = _f("captions", "prompt source for text-to-image")
-    prompt_file: Optional[str] = _f(None, "one prompt per line, with prompts: file")
-    instance_prompt: Optional[str] = _f(None, "the DreamBooth instance prompt, with prompts: instance")
-    seeds_per_prompt: int = _f(1, "samples per prompt (prompts x seeds)")
-    guidance_scale: float = _f(7.5, "classifier-free guidance scale for text-to-image")
-    resolution: Optional[int] = _f(None, "output resolution for text-to-image (default: the model's)")
+    num_samples: int = documented_field(64, "samples drawn from every checkpoint; sample i always starts from the same noise")
+    batch_size: int = documented_field(32, "samples per forward batch")
+    seed: int = documented_field(0, "base seed; sample i uses seed + i")
+    num_inference_steps: int = documented_field(50, "denoising steps per sample")
+    scheduler: Literal["ddim", "ddpm", "run"] = documented_field("ddim", "sampler: ddim, ddpm, or the run's own saved scheduler")
+    prefer_ema: bool = documented_field(True, "evaluate unet_ema/ when a checkpoint has it")
+    device: str = documented_field("cpu", "torch device for sampling, e.g. cuda:1")
+    dtype: Literal["float32", "float16", "bfloat16"] = documented_field("float32", "sampling precision")
+    num_train_timesteps: int = documented_field(1000, "scheduler fallback when the run saved no scheduler/ (--ddpm_num_steps)")
+    beta_schedule: str = documented_field("linear", "scheduler fallback (--ddpm_beta_schedule)")
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = documented_field("epsilon", "scheduler fallback (--prediction_type)")
+    pretrained_model: Optional[str] = documented_field(None, "base pipeline for text-to-image / DreamBooth / LoRA checkpoints")
+    prompts: Literal["captions", "instance", "file", "none"] = documented_field("captions", "prompt source for text-to-image")
+    prompt_file: Optional[str] = documented_field(None, "one prompt per line, with prompts: file")
+    instance_prompt: Optional[str] = documented_field(None, "the DreamBooth instance prompt, with prompts: instance")
+    seeds_per_prompt: int = documented_field(1, "samples per prompt (prompts x seeds)")
+    guidance_scale: float = documented_field(7.5, "classifier-free guidance scale for text-to-image")
+    resolution: Optional[int] = documented_field(None, "output resolution for text-to-image (default: the model's)")
 
 
 @dataclass
 class DetectorsConfig:
-    nn_ratio: float = _f(1 / 3, "Gu et al. 2023: memorized if d1/d2 < this")
-    tiled_l2: float = _f(0.15, "Carlini et al. 2023: near-copy if max tile RMS distance <= this")
-    tiled_grid: int = _f(4, "tiles per side for tiled_l2")
-    copy: Optional[float] = _f(None, "copy if cosine similarity >= this, in every feature space (default: each "
+    nn_ratio: float = documented_field(1 / 3, "Gu et al. 2023: memorized if d1/d2 < this")
+    tiled_l2: float = documented_field(0.15, "Carlini et al. 2023: near-copy if max tile RMS distance <= this")
+    tiled_grid: int = documented_field(4, "tiles per side for tiled_l2")
+    copy: Optional[float] = documented_field(None, "copy if cosine similarity >= this, in every feature space (default: each "
                                "descriptor's own -- SSCD's published 0.5, Somepalli et al. 2023; others calibrated "
                                "on the training set, see copy_quantile)")
-    copy_thresholds: dict = _f(factory=dict, help="per-space copy thresholds, e.g. {sscd: 0.7} (Wen et al.) or "
+    copy_thresholds: dict = documented_field(factory=dict, help="per-space copy thresholds, e.g. {sscd: 0.7} (Wen et al.) or "
                                "{clip: 0.93}; override copy")
-    copy_quantile: float = _f(0.99, "a descriptor without a published copy threshold (CLIP) is calibrated: the "
+    copy_quantile: float = documented_field(0.99, "a descriptor without a published copy threshold (CLIP) is calibrated: the "
                               "threshold is this quantile of the training images' cosine similarity to their "
                               "nearest other training image")
-    adaptive_alpha: float = _f(0.5, "Carlini et al. 2023 adaptive distance alpha")
-    adaptive_n: int = _f(50, "Carlini et al. 2023 adaptive distance: neighbours averaged")
-    adaptive_min_train: int = _f(1000, "adaptive_l2 is applicable only from this many training images (memtrack's "
+    adaptive_alpha: float = documented_field(0.5, "Carlini et al. 2023 adaptive distance alpha")
+    adaptive_n: int = documented_field(50, "Carlini et al. 2023 adaptive distance: neighbours averaged")
+    adaptive_min_train: int = documented_field(1000, "adaptive_l2 is applicable only from this many training images (memtrack's "
                                  "choice: the paper averages 50 neighbours of CIFAR-10's 50,000; with 58 training "
                                  "images the detector card measured 84% false positives on novel images)")
-    identity_far: float = _f(0.001, "target false-match rate for the calibrated identity threshold")
-    identity_threshold: Optional[float] = _f(None, "override the identity verification threshold (default: calibrated, else published)")
-    identity_ratio: float = _f(0.6, "identity interpolation: d1/d2 above this means no single identity dominates")
-    calibrate: bool = _f(True, "calibrate thresholds on the training set where the detector allows it")
+    identity_far: float = documented_field(0.001, "target false-match rate for the calibrated identity threshold")
+    identity_threshold: Optional[float] = documented_field(None, "override the identity verification threshold (default: calibrated, else published)")
+    identity_ratio: float = documented_field(0.6, "identity interpolation: d1/d2 above this means no single identity dominates")
+    calibrate: bool = documented_field(True, "calibrate thresholds on the training set where the detector allows it")
 
 
 @dataclass
 class DynamicsConfig:
-    baseline_rate: float = _f(0.01, "onset: the Wilson lower bound must exceed this rate")
-    persistence: int = _f(2, "onset: and stay above it for this many further checkpoints")
-    loss_gap: bool = _f(False, "compute the held-out minus train denoising-loss gap per checkpoint")
-    loss_gap_timesteps: int = _f(4, "timesteps spread over the schedule for the loss gap")
-    loss_gap_images: int = _f(8, "training / held-out images used for the loss gap (cost: ~2 x images x "
+    baseline_rate: float = documented_field(0.01, "onset: the Wilson lower bound must exceed this rate")
+    persistence: int = documented_field(2, "onset: and stay above it for this many further checkpoints")
+    loss_gap: bool = documented_field(False, "compute the held-out minus train denoising-loss gap per checkpoint")
+    loss_gap_timesteps: int = documented_field(4, "timesteps spread over the schedule for the loss gap")
+    loss_gap_images: int = documented_field(8, "training / held-out images used for the loss gap (cost: ~2 x images x "
                               "timesteps / (3 x batch) training steps; see benchmarks/loss_gap_cost.py)")
-    heldout_dir: Optional[str] = _f(None, "folder of held-out images (same distribution, not trained on) for the "
+    heldout_dir: Optional[str] = documented_field(None, "folder of held-out images (same distribution, not trained on) for the "
                                     "loss gap")
-    noise_magnitude: bool = _f(False, "text-to-image: Wen et al.'s noise magnitude of every prompt per checkpoint")
-    noise_magnitude_steps: Optional[int] = _f(None, "sampling steps for the noise magnitude (default: "
+    noise_magnitude: bool = documented_field(False, "text-to-image: Wen et al.'s noise magnitude of every prompt per checkpoint")
+    noise_magnitude_steps: Optional[int] = documented_field(None, "sampling steps for the noise magnitude (default: "
                                               "sampling.num_inference_steps; Wen et al. find step 1 alone detects well)")
 
 
@@ -161,25 +166,25 @@ class DynamicsConfig:
 class TrackingConfig:
     """How training reaches the tracker: the sidecar watcher, the in-process hook, Tracker.step."""
 
-    every_n_steps: int = _f(500, "Tracker.step evaluates the live model every this many steps (custom loops)")
-    poll_interval_s: float = _f(2.0, "sidecar: seconds between looks at the output dir")
-    quiet_period_s: float = _f(2.0, "sidecar: read a checkpoint once random_states_0.pkl exists and no file in it "
+    every_n_steps: int = documented_field(500, "Tracker.step evaluates the live model every this many steps (custom loops)")
+    poll_interval_s: float = documented_field(2.0, "sidecar: seconds between looks at the output dir")
+    quiet_period_s: float = documented_field(2.0, "sidecar: read a checkpoint once random_states_0.pkl exists and no file in it "
                                     "changed for this long")
-    in_process: Literal["deferred", "rank0"] = _f("deferred", "in-process, several ranks: evaluate at the next point "
+    in_process: Literal["deferred", "rank0"] = documented_field("deferred", "in-process, several ranks: evaluate at the next point "
                                                   "every rank reaches, sharing the samples (deferred), or on rank 0 "
                                                   "alone inside save_state (rank0)")
-    log_images: bool = _f(True, "log the strongest matches as an image grid next to the rates")
-    grid_matches: int = _f(8, "matches (sample | training image pairs) in the image grid")
-    logging_dir: Optional[str] = _f(None, "sidecar: tensorboard folder (default: the one the training script writes)")
-    loggers: list = _f(factory=lambda: ["tensorboard"], help="sidecar: where each checkpoint's rates and match "
+    log_images: bool = documented_field(True, "log the strongest matches as an image grid next to the rates")
+    grid_matches: int = documented_field(8, "matches (sample | training image pairs) in the image grid")
+    logging_dir: Optional[str] = documented_field(None, "sidecar: tensorboard folder (default: the one the training script writes)")
+    loggers: list = documented_field(factory=lambda: ["tensorboard"], help="sidecar: where each checkpoint's rates and match "
                        "grid go: tensorboard (an event file beside the script's), wandb (a run of memtrack's own in "
                        "the training's project and group; docs/integrations.md)")
-    wandb_project: Optional[str] = _f(None, "wandb logger: the project (default WANDB_PROJECT, else memtrack); the "
+    wandb_project: Optional[str] = documented_field(None, "wandb logger: the project (default WANDB_PROJECT, else memtrack); the "
                                       "name the script passes to init_trackers puts both runs in one project")
-    wandb_group: Optional[str] = _f(None, "wandb logger: the group shared with the training run (default "
+    wandb_group: Optional[str] = documented_field(None, "wandb logger: the group shared with the training run (default "
                                     "WANDB_RUN_GROUP, which the script's wandb.init reads too; else the output "
                                     "dir's name)")
-    threads: Optional[int] = _f(None, "CPU threads of memtrack's own processes (torch, OpenMP, BLAS, faiss; never "
+    threads: Optional[int] = documented_field(None, "CPU threads of memtrack's own processes (torch, OpenMP, BLAS, faiss; never "
                                 "the training command's); default: all usable cores for scan, 1 beside training "
                                 "(watch, launch), or the cores launch --threads-for-training leaves "
                                 "(docs/integrations.md)")
@@ -189,12 +194,12 @@ class TrackingConfig:
 class Config:
     """The whole memtrack config. Sections: data, index, sampling, detectors, dynamics, tracking."""
 
-    data: DataConfig = _f(factory=DataConfig, help="how the training set is read")
-    index: IndexConfig = _f(factory=IndexConfig, help="the reference index")
-    sampling: SamplingConfig = _f(factory=SamplingConfig, help="how checkpoints are sampled")
-    detectors: DetectorsConfig = _f(factory=DetectorsConfig, help="detector thresholds")
-    dynamics: DynamicsConfig = _f(factory=DynamicsConfig, help="onset and probes")
-    tracking: TrackingConfig = _f(factory=TrackingConfig, help="sidecar, in-process and Tracker.step settings")
+    data: DataConfig = documented_field(factory=DataConfig, help="how the training set is read")
+    index: IndexConfig = documented_field(factory=IndexConfig, help="the reference index")
+    sampling: SamplingConfig = documented_field(factory=SamplingConfig, help="how checkpoints are sampled")
+    detectors: DetectorsConfig = documented_field(factory=DetectorsConfig, help="detector thresholds")
+    dynamics: DynamicsConfig = documented_field(factory=DynamicsConfig, help="onset and probes")
+    tracking: TrackingConfig = documented_field(factory=TrackingConfig, help="sidecar, in-process and Tracker.step settings")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -304,12 +309,12 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         kwargs[name] = _coerce(hints[name], value, sub)
     obj = cls(**kwargs)
     if cls is IndexConfig:
-        obj.embedders = [_embedder_spec(e, f"{where}.embedders[{i}]") for i, e in enumerate(obj.embedders)]
+        obj.embedders = [embedder_spec(e, f"{where}.embedders[{i}]") for i, e in enumerate(obj.embedders)]
     _validate(obj, where)
     return obj
 
 
-def _embedder_spec(value: Any, path: str) -> EmbedderSpec:
+def embedder_spec(value: Any, path: str) -> EmbedderSpec:
     if isinstance(value, EmbedderSpec):
         return value
     if isinstance(value, str):
@@ -372,17 +377,14 @@ def _validate(obj: Any, where: str) -> None:
 
 
 def _validate_loggers(loggers: list, where: str) -> None:
-    from memtrack.integrations.logging import SINKS  # the registry: sinks registered by plug-ins count too
-
     for name in loggers:
-        if not isinstance(name, str) or name not in SINKS:
+        if not isinstance(name, str) or name not in LOGGERS:
             raise ConfigError(f"{where}.loggers: unknown logger {_show(name)}",
-                              hint=f"known loggers: {', '.join(sorted(SINKS))}")
+                              hint=f"known loggers: {', '.join(sorted(LOGGERS))}")
 
 
 def _validate_index(obj: "IndexConfig", where: str) -> None:
-    from memtrack.errors import IndexError_
-    from memtrack.index.choice import INDEX_TYPES, parse_bytes
+    from memtrack.utils import parse_bytes
 
     if obj.index_type not in INDEX_TYPES:
         raise ConfigError(f"{where}.index_type must be one of {', '.join(INDEX_TYPES)}, got {_show(obj.index_type)}")

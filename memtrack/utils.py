@@ -15,7 +15,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 _LIBRARY_LOGGER = "memtrack"
 
@@ -162,3 +162,30 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def parse_bytes(text: str | int | None) -> Optional[int]:
+    """``"16GB"``, ``"512MiB"``, ``"2e9"`` or an int -> bytes; None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    s = str(text).strip().lower().replace(" ", "")
+    units = {"tib": 1 << 40, "gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10,
+             "tb": 10 ** 12, "gb": 10 ** 9, "mb": 10 ** 6, "kb": 10 ** 3, "t": 10 ** 12, "g": 10 ** 9,
+             "m": 10 ** 6, "k": 10 ** 3, "b": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            s, scale = s[: -len(unit)], mult
+            break
+    else:
+        scale = 1
+    try:
+        value = float(s) * scale
+    except ValueError:
+        from memtrack.errors import IndexError_
+
+        raise IndexError_(f"memory budget {text!r} is not a size", hint="use e.g. 16GB, 512MiB or 2e9") from None
+    if not math.isfinite(value) or value <= 0:
+        from memtrack.errors import IndexError_
+
+        raise IndexError_(f"memory budget must be > 0, got {text!r}")
+    return int(value)

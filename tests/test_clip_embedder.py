@@ -246,7 +246,7 @@ def test_openai_weights_file_needs_quickgelu(tiny, monkeypatch):
     from memtrack.embedders import clip
 
     sha = hashlib.sha256(tiny.weights.read_bytes()).hexdigest()
-    monkeypatch.setattr(clip, "_openai_weights", lambda oc: {sha: "ViT-B-32"})  # as if tiny were OpenAI's .pt
+    monkeypatch.setattr(clip, "openai_weights", lambda oc: {sha: "ViT-B-32"})  # as if tiny were OpenAI's .pt
     with pytest.raises(ConfigError, match="QuickGELU") as err:
         get_embedder(file_spec(tiny)).embed(images(1))
     assert err.value.hint == "set model: ViT-B-32-quickgelu"

@@ -332,7 +332,7 @@ def test_a_missing_package_card_is_said_not_hidden(monkeypatch, tmp_path):
 
 def test_package_card_covers_every_built_in_detector():
     """Regenerate with `python benchmarks/detector_card.py --write-package-card` when a detector is added."""
-    from memtrack.detectors.core import list_detectors
+    from memtrack.detectors.registry import list_detectors
 
     text = report_card.PACKAGE_CARD.read_text()
     card = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))

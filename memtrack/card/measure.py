@@ -203,7 +203,7 @@ def _confusion(truth: bool, flagged: bool, right: bool) -> np.ndarray:
 
 def not_measured(detectors: dict, spaces: Sequence[str]) -> dict:
     """Registered detectors with no row in the card, and why (their embedding space was not indexed)."""
-    from memtrack.detectors.core import list_detectors
+    from memtrack.detectors.registry import list_detectors
 
     out = {}
     for name in list_detectors():

@@ -244,9 +244,9 @@ def _write_index_card(ref, cfg, quiet: bool = False) -> None:
 
 def _add_config(ref, args):
     """The index's own config, with --recall-target applied."""
-    from memtrack.index.update import _index_config
+    from memtrack.index.update import index_config
 
-    cfg = _index_config(ref)
+    cfg = index_config(ref)
     if args.recall_target is not None:
         cfg.index.recall_target = args.recall_target
     return cfg
@@ -402,7 +402,7 @@ def cmd_env(args) -> int:
     import platform
 
     from memtrack import __version__
-    from memtrack.detectors.core import list_detectors
+    from memtrack.detectors.registry import list_detectors
     from memtrack.embedders.registry import list_embedders
 
     lines = [f"memtrack {__version__}", f"python {platform.python_version()} ({platform.platform()})"]

@@ -28,15 +28,13 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, Optional
 
 from memtrack.config import DataConfig
-from memtrack.data.dataset import (IMAGE_EXTENSIONS, Dataset, Record, Skipped, _optional_text, _resolve_entry, open_image,
-                   read_entries)
+from memtrack.data.records import (IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, MEMBER_PREFIX, Dataset, Record, Skipped, open_image, optional_text,
+                                   read_entries, read_member, resolve_entry)
 from memtrack.errors import DataError, DependencyError
 from memtrack.utils import get_logger, progress_bar
 
 logger = get_logger(__name__)
 
-MEMBER_PREFIX = "tar-member:"  # Record.path of a tar member: tar-member:<offset>:<size>:<tar path>
-MAX_MEMBER_BYTES = 1 << 30
 
 
 def is_webdataset(root: Path) -> bool:
@@ -76,22 +74,6 @@ def read_source(root: str | Path, cfg: DataConfig, check_images: bool = True, sh
 # -------------------------------------------------------------------------------------------- webdataset
 
 
-def read_member(locator: str) -> bytes:
-    """The bytes of a tar member from its :data:`MEMBER_PREFIX` locator (one seek and one read)."""
-    try:
-        offset, size, tar = locator[len(MEMBER_PREFIX):].split(":", 2)
-        offset_i, size_i = int(offset), int(size)
-    except ValueError:
-        raise DataError(f"malformed tar member locator {locator[:200]!r}") from None
-    try:
-        with open(tar, "rb") as fh:
-            fh.seek(offset_i)
-            data = fh.read(size_i)
-    except OSError as exc:
-        raise DataError(f"cannot read {tar}: {exc.strerror or exc}") from None
-    if len(data) != size_i:
-        raise DataError(f"{tar} is truncated: member at byte {offset_i} is short")
-    return data
 
 
 def _key_and_ext(name: str) -> tuple[str, str]:
@@ -171,11 +153,11 @@ def _group_record(fh, tar: Path, tar_id: str, key: str, members: dict, cfg: Data
             raise DataError(f"{where}.json: expected a JSON object, got {type(meta).__name__}")
     try:
         caption = txt.decode("utf-8").strip() if txt is not None else (
-            _optional_text(meta, cfg.caption_column, f"{where}.json")
-            or _optional_text(meta, "caption", f"{where}.json"))
+            optional_text(meta, cfg.caption_column, f"{where}.json")
+            or optional_text(meta, "caption", f"{where}.json"))
     except UnicodeDecodeError:
         raise DataError(f"{where}.txt is not UTF-8") from None
-    identity = _optional_text(meta, cfg.identity_column, f"{where}.json")
+    identity = optional_text(meta, cfg.identity_column, f"{where}.json")
     fh.seek(image.offset_data)
     data = fh.read(image.size)
     w = h = 0
@@ -228,7 +210,7 @@ def _parquet_entry(root: Path, row: dict, where: str, cfg: DataConfig) -> Path:
         except ValueError:
             raise DataError(f"{where}: path {row['file_name']!r} is outside the folder of the parquet file "
                             f"({root})", hint="put the parquet file in the folder that holds the images") from None
-    return _resolve_entry(root, name, where, cfg)
+    return resolve_entry(root, name, where, cfg)
 
 
 def _read_parquet(path: Path, cfg: DataConfig, check_images: bool, show_progress: bool) -> Dataset:
@@ -241,7 +223,7 @@ def _read_parquet(path: Path, cfg: DataConfig, check_images: bool, show_progress
         if file.as_posix() in seen:
             raise DataError(f"{where}: {row['file_name']!r} is listed twice")
         seen.add(file.as_posix())
-        entries.append((file, _optional_text(row, cfg.caption_column, where),
-                        _optional_text(row, cfg.identity_column, where)))
+        entries.append((file, optional_text(row, cfg.caption_column, where),
+                        optional_text(row, cfg.identity_column, where)))
     read_entries(ds, root, entries, cfg, check_images, show_progress)
     return ds

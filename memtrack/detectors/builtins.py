@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memtrack.detectors.registry import Provenance, register_detector
+from memtrack.detectors.types import DetectorSpec, Provenance
 from memtrack.detectors.core import SpaceEvidence, adaptive_l2, copy_score, duplicate_distance, nn_ratio, nn_ratio_dedup, tiled_l2
 
 GU = "Gu et al. 2023, On Memorization in Diffusion Models"
@@ -18,7 +18,14 @@ def _pixel_images(ev: SpaceEvidence):
     return ev.query.reshape(n, *shape), ev.cand_vecs.reshape(n, k, *shape)
 
 
-register_detector("nn_ratio", "pixel",
+BUILTINS: list[DetectorSpec] = []  # registered by memtrack.detectors.registry
+
+
+def _declare(*args, **kwargs) -> None:
+    BUILTINS.append(DetectorSpec(*args, **kwargs))
+
+
+_declare("nn_ratio", "pixel",
                   lambda s, ev, cfg: nn_ratio(ev.query, ev.cand_vecs, cfg.nn_ratio, ev.cand_ids),
                   "Gu et al. 2023: d1/d2 < 1/3 on raw pixels", citation=GU, reproduction=True,
                   regime="two or more training images",
@@ -36,7 +43,7 @@ def _dedup(space: str, ev: SpaceEvidence, cfg):
                           ev.cand_ids)
 
 
-register_detector("nn_ratio_dedup", "pixel", _dedup,
+_declare("nn_ratio_dedup", "pixel", _dedup,
                   "Gu et al.'s d1/d2 < 1/3, d2 taken past the nearest image's near-duplicates (memtrack's variant)",
                   citation=GU + " (ratio and threshold); the deduplicated d2 is memtrack's", reproduction=True,
                   check=_needs_lists,
@@ -78,7 +85,7 @@ def _adaptive_regime(space: str, ev: SpaceEvidence, cfg) -> str | None:
     return None
 
 
-register_detector("tiled_l2", "pixel",
+_declare("tiled_l2", "pixel",
                   lambda s, ev, cfg: tiled_l2(*_pixel_images(ev), cfg.tiled_l2, cfg.tiled_grid, ev.cand_ids),
                   "Carlini et al. 2023: max over 4x4 tiles of RMS error <= delta", citation=CARLINI,
                   reproduction=True, check=_tiled_regime,
@@ -88,7 +95,7 @@ register_detector("tiled_l2", "pixel",
                                         "baseline (summary.json baseline.pixel_tiled)"),
                   regime=f"tiles of >= {MIN_TILE_PX} px (32-px images with the 4x4 grid); a sample matched to a nearly "
                          "uniform training image (a flat image of its mean colour within delta) is not judged")
-register_detector("adaptive_l2", "pixel",
+_declare("adaptive_l2", "pixel",
                   lambda s, ev, cfg: adaptive_l2(ev.query, ev.cand_vecs, ev.extra["train_neighbours"][1],
                                                  cfg.adaptive_alpha, cfg.adaptive_n, ev.cand_ids),
                   "Carlini et al. 2023 (CIFAR-10): l2 / (alpha * mean l2 from the nearest training image to its n "
@@ -151,7 +158,7 @@ def _copy(space: str, ev: SpaceEvidence, cfg):
     return out
 
 
-register_detector("copy", None, _copy,
+_declare("copy", None, _copy,
                   "Somepalli et al. 2023: cosine similarity to the nearest training image >= tau, tau the "
                   "descriptor's own (published for SSCD, calibrated on train->train for CLIP)",
                   citation=SOMEPALLI, reproduction=True, check=_copy_regime,

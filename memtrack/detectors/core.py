@@ -25,60 +25,10 @@ from typing import Literal
 
 import numpy as np
 
+from memtrack.detectors.types import DetectorOutput, SpaceEvidence  # noqa: F401  (the detectors' inputs and outputs)
+
 _CHUNK = 16  # samples per block when materialising [chunk, k, D] differences
 FEWER_CANDIDATES = "fewer candidate training images than the test needs"
-
-
-@dataclass
-class DetectorOutput:
-    """Per-sample result of one detector.
-
-    Attributes:
-        name: metric name (``nn_ratio``, ``tiled_l2``, ``clip_copy``, ...).
-        score: ``[n]`` the detector's statistic (NaN where a sample was not judged).
-        flagged: ``[n]`` verdicts (False where a sample was not judged).
-        match: ``[n]`` the training row each sample was matched to (-1 for none).
-        threshold: the threshold applied; ``direction`` says whether low or high scores are flagged.
-        extra: further ``[n]`` arrays (e.g. d1 and d2).
-        threshold_source: ``published`` / ``calibrated`` / ``config`` / ``memtrack`` (see the registry).
-        applicable: False when the detector is outside its defined regime (then no rate is reported).
-        reason: why it is not applicable.
-        judged: ``[n]`` False for samples that got no verdict (None: every sample was judged).
-        not_judged: ``{reason: count}`` for the samples that got no verdict.
-        info: scalars about how the verdict was reached (e.g. a calibrated near-duplicate distance).
-    """
-
-    name: str
-    score: np.ndarray
-    flagged: np.ndarray
-    match: np.ndarray
-    threshold: float
-    direction: Literal["below", "above"]
-    extra: dict = field(default_factory=dict)
-    threshold_source: str = "config"
-    applicable: bool = True
-    reason: str | None = None
-    judged: np.ndarray | None = None
-    not_judged: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)  # scalars the report shows beside the threshold
-
-    @classmethod
-    def not_applicable(cls, name: str, reason: str, n: int, direction: Literal["below", "above"] = "below"
-                       ) -> "DetectorOutput":
-        """The output of a detector outside its regime: no score, no verdict, the reason."""
-        return cls(name, np.full(n, np.nan), np.zeros(n, bool), np.full(n, -1, np.int64), float("nan"),
-                   direction, applicable=False, reason=reason, judged=np.zeros(n, bool))
-
-    def judged_mask(self) -> np.ndarray:
-        """``[n]`` True for the samples that got a verdict."""
-        return np.ones(len(self.score), bool) if self.judged is None else np.asarray(self.judged, bool)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "score": self.score.tolist(), "flagged": self.flagged.tolist(),
-                "match": self.match.tolist(), "threshold": self.threshold, "direction": self.direction,
-                "extra": {k: np.asarray(v).tolist() for k, v in self.extra.items()},
-                "threshold_source": self.threshold_source, "applicable": self.applicable, "reason": self.reason,
-                "judged": self.judged_mask().tolist(), "not_judged": dict(self.not_judged), "info": dict(self.info)}
 
 
 def _judged(mask: np.ndarray, reason: str = FEWER_CANDIDATES) -> tuple[np.ndarray | None, dict]:
@@ -406,35 +356,3 @@ def summarise(values: np.ndarray) -> dict:
         return {"n": 0, "mean": float("nan"), **{f"p{p}": float("nan") for p in (50, 75, 90, 95, 99)}}
     return {"n": int(v.size), "mean": float(v.mean()),
             **{f"p{p}": float(np.percentile(v, p)) for p in (50, 75, 90, 95, 99)}}
-
-
-# ------------------------------------------------------------------------------------------ evidence
-
-
-@dataclass
-class SpaceEvidence:
-    """What the index returned for one embedding space: queries and their candidates.
-
-    ``cand_ids`` holds training-record *rows* (-1 = no candidate; that slot's vector is meaningless), one
-    or more candidates per row (views); ``n_rows`` is the number of training images in the space.
-    """
-
-    metric: str
-    query: np.ndarray          # [n, d]
-    cand_ids: np.ndarray       # [n, k] training rows, -1 = no candidate
-    cand_vecs: np.ndarray      # [n, k, d]
-    image_shape: tuple | None = None  # (C, H, W) for pixel spaces
-    extra: dict = field(default_factory=dict)  # space-specific inputs (identities, thresholds, ...)
-    n_rows: int | None = None  # training images in the space
-
-
-_REGISTRY_NAMES = ("DetectorSpec", "register_detector", "list_detectors", "run_detectors", "get_detector")
-
-
-def __getattr__(name: str):
-    """The registry lives in :mod:`memtrack.detectors.registry`; its public names are re-exported here."""
-    if name in _REGISTRY_NAMES:
-        from memtrack.detectors import registry as detector_registry
-
-        return getattr(detector_registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,88 +31,15 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from memtrack.detectors.core import DetectorOutput, SpaceEvidence
-
-Check = Callable[[str, SpaceEvidence, object], Optional[str]]
-SOURCES = ("published", "calibrated", "config", "memtrack")
-
-
-@dataclass
-class Provenance:
-    """Where a detector's threshold comes from (see the module docstring).
-
-    Args:
-        source: the source of the *default* value (``published``, ``calibrated`` or ``memtrack``).
-        fields: the ``detectors.*`` config fields that set it; any of them changed from its default makes
-            the source ``config``.
-        citation: the paper (for ``published``), or what it is calibrated on.
-        note: a sentence about the value (why memtrack chose it, how it is calibrated).
-        resolve: ``resolve(space, cfg, output) -> (source, detail) | None`` for thresholds decided at run time
-            (a calibration that may fall back); None keeps the rule above.
-    """
-
-    source: str
-    fields: tuple = ()
-    citation: str = ""
-    note: str = ""
-    resolve: Optional[Callable] = None
-
-    def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"threshold source must be one of {', '.join(SOURCES)}, got {self.source!r}")
-
-    def of(self, space: str, cfg, out: DetectorOutput) -> tuple[str, str]:
-        """``(source, detail)`` of the threshold ``out`` applied under ``cfg``."""
-        if self.resolve is not None:
-            got = self.resolve(space, cfg, out)
-            if got is not None:
-                return got
-        changed = [f for f in self.fields if not _same(getattr(cfg, f, None), _default(cfg, f))]
-        if changed:
-            return "config", "set in the config: " + ", ".join(f"detectors.{f} = {getattr(cfg, f)!r}" for f in changed)
-        return self.source, self.note
-
-
-def _default(cfg, name: str):
-    for f in dataclasses.fields(type(cfg)) if dataclasses.is_dataclass(cfg) else ():
-        if f.name == name:
-            return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    return None
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        try:
-            return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=1e-15)
-        except (TypeError, ValueError):
-            return False
-    return a == b
-
-
-@dataclass
-class DetectorSpec:
-    """One registered detector (see the module docstring)."""
-
-    name: str
-    space: str | None            # the embedder space it needs; None = every cosine feature space
-    fn: Callable[[str, SpaceEvidence, object], DetectorOutput]
-    description: str = ""
-    citation: str = ""
-    regime: str = ""             # where the definition holds, in words
-    check: Check | None = None   # the reason the evidence is outside the regime, or None
-    reproduction: bool = False   # a flag names the training image it reproduces
-    provenance: Provenance | None = None  # where its threshold comes from (None: the caller's, "config")
-
-    def metric(self, space: str) -> str:
-        return self.name if self.space is not None else f"{space}_{self.name}"
-
+from memtrack.detectors.types import SOURCES, Check, DetectorOutput, DetectorSpec, Provenance, SpaceEvidence  # noqa: F401
 
 _DETECTORS: dict[str, DetectorSpec] = {}
 
 
 def register_detector(name: str, space: str | None, fn: Callable, description: str = "",
                       overwrite: bool = False, *, citation: str = "", regime: str = "", check: Check | None = None,
-                      reproduction: bool = False, provenance: Provenance | None = None) -> None:
+                      reproduction: bool = False, provenance: Provenance | None = None,
+                      label: str | Callable[[str], str] = "") -> None:
     """Register a detector ``fn(space_name, evidence, detectors_config) -> DetectorOutput``.
 
     Args:
@@ -124,17 +51,37 @@ def register_detector(name: str, space: str | None, fn: Callable, description: s
         reproduction: True when a flag names the training image that was reproduced.
         provenance: where its threshold comes from (:class:`Provenance`); None reports the output's own
             ``threshold_source`` (``config`` unless the detector sets it).
+        label: the plain words reports use for its metric ("near-copies"); a callable gets the space name.
     """
+    add_detector(DetectorSpec(name, space, fn, description, citation, regime, check, reproduction, provenance,
+                              label), overwrite=overwrite)
+
+
+def add_detector(spec: DetectorSpec, *, overwrite: bool = False) -> None:
+    """Register a ready :class:`DetectorSpec` (what :func:`register_detector` builds from its arguments)."""
+    _load_builtins()
+    name = spec.name
     if not re.match(r"^[a-z][a-z0-9_]{0,47}$", name):
         raise ValueError(f"detector name {name!r} must be a lowercase identifier")
     if name in _DETECTORS and not overwrite:
         raise ValueError(f"a detector named {name!r} is already registered")
-    _DETECTORS[name] = DetectorSpec(name, space, fn, description, citation, regime, check, reproduction, provenance)
+    _DETECTORS[name] = spec
+
+
+_BUILTINS_LOADED = False
 
 
 def _load_builtins() -> None:
-    from memtrack.detectors import builtins as detector_builtins
-    from memtrack.identity import space as identity_index
+    """Register every built-in detector: the pixel and copy tests, and the identity tests."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    from memtrack.detectors.builtins import BUILTINS
+    from memtrack.identity.space import IDENTITY_DETECTORS
+
+    for spec in [*BUILTINS, *IDENTITY_DETECTORS]:
+        _DETECTORS.setdefault(spec.name, spec)
 
 
 def list_detectors() -> list[str]:

@@ -36,12 +36,11 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from memtrack.config import _f
+from memtrack.config import documented_field
 from memtrack.errors import ConfigError
 from memtrack.utils import get_logger, progress_bar
-from memtrack.embedders.registry import register_embedder
 from memtrack.embedders.base import Embedder, EmbedderOptions, l2_normalise
-from memtrack.embedders.clip_source import DEFAULT_PRETRAINED, _load_error, _open_clip, _openai_weights, _pair, _resolve, weights_sha256
+from memtrack.embedders.clip_source import DEFAULT_PRETRAINED, clip_load_error, import_open_clip, openai_weights, model_and_pretrained, resolve_weights, weights_sha256
 
 logger = get_logger(__name__)
 
@@ -50,15 +49,15 @@ RANDOM_SEED = 0  # random weights (pretrained: null) are drawn from this seed, s
 
 @dataclass
 class ClipOptions(EmbedderOptions):
-    model: str = _f("ViT-B-32", "open_clip architecture (open_clip.list_models()) or local-dir:/folder")
-    pretrained: Optional[str] = _f(DEFAULT_PRETRAINED, "pretrained tag (downloads once), path to a weights "
+    model: str = documented_field("ViT-B-32", "open_clip architecture (open_clip.list_models()) or local-dir:/folder")
+    pretrained: Optional[str] = documented_field(DEFAULT_PRETRAINED, "pretrained tag (downloads once), path to a weights "
                                    "file, or null for random weights (tests only); a local-dir: folder brings "
                                    "its own weights")
-    model_config: Optional[str] = _f(None, "open_clip architecture JSON for a custom model; model must be its "
+    model_config: Optional[str] = documented_field(None, "open_clip architecture JSON for a custom model; model must be its "
                                      "file name without .json")
-    device: str = _f("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    precision: Literal["fp32", "fp16", "bf16"] = _f("fp32", "autocast precision of the forward pass")
-    num_workers: int = _f(0, "DataLoader worker processes that preprocess images")
+    device: str = documented_field("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    precision: Literal["fp32", "fp16", "bf16"] = documented_field("fp32", "autocast precision of the forward pass")
+    num_workers: int = documented_field(0, "DataLoader worker processes that preprocess images")
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -168,7 +167,7 @@ class ClipEmbedder(Embedder):
             raise ConfigError(f"clip option num_workers must be >= 0, got {o.num_workers}")
         if o.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"clip option precision must be one of fp32, fp16, bf16, got {o.precision!r}")
-        self._source = _resolve(o)
+        self._source = resolve_weights(o)
         self._device = _torch_device(o.device)
         self._model: Any = None
         self._pipeline: Optional[_Pipeline] = None
@@ -203,11 +202,11 @@ class ClipEmbedder(Embedder):
         """Create the model and its preprocessing pipeline (once)."""
         if self._model is not None:
             return self._model, self._pipeline
-        oc, src = _open_clip(), self._source
+        oc, src = import_open_clip(), self._source
         _check_device_available(self._device)
         if src.weights_file is not None:
             self._weights_sha = weights_sha256(src.weights_file)
-            arch = _openai_weights(oc).get(self._weights_sha)
+            arch = openai_weights(oc).get(self._weights_sha)
             if arch is not None and not src.model_cfg.get("quick_gelu", False):
                 raise ConfigError(f"clip: {src.weights_file} is OpenAI's {arch} checkpoint, trained with QuickGELU, "
                                   f"but model {src.model!r} uses GELU; its features would be silently wrong",
@@ -222,9 +221,9 @@ class ClipEmbedder(Embedder):
                 model, _, preprocess = oc.create_model_and_transforms(
                     src.create_name, pretrained=src.pretrained, device=self._device, precision="fp32")
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
-            raise _load_error(src, exc) from exc
+            raise clip_load_error(src, exc) from exc
         actual = dict(model.visual.preprocess_cfg)
-        actual["size"] = _pair(actual["size"])
+        actual["size"] = model_and_pretrained(actual["size"])
         if _fingerprint_preprocess(actual) != _fingerprint_preprocess(src.preprocess):
             logger.warning("clip: open_clip preprocesses with %s, not the predicted %s; the fingerprint follows "
                            "the model", actual, src.preprocess)
@@ -253,7 +252,7 @@ class ClipEmbedder(Embedder):
 
 
 def _fingerprint_preprocess(pp: dict) -> dict:
-    return {"image_size": list(_pair(pp["size"])), "mean": [float(v) for v in pp["mean"]],
+    return {"image_size": list(model_and_pretrained(pp["size"])), "mean": [float(v) for v in pp["mean"]],
             "std": [float(v) for v in pp["std"]], "interpolation": pp["interpolation"],
             "resize_mode": pp["resize_mode"], "fill_color": int(pp.get("fill_color", 0))}
 
@@ -275,6 +274,3 @@ def _check_device_available(device: Any) -> None:
         if count == 0 or (device.index or 0) >= count:
             raise ConfigError(f"clip option device={str(device)!r}, but torch sees {count} CUDA device(s)",
                               hint="use device: cpu, or a CUDA device index below the count")
-
-
-register_embedder("clip", ClipEmbedder)

@@ -1,6 +1,6 @@
 """Where a CLIP embedder's architecture and weights come from: resolved and checked before building.
 
-:func:`_resolve` turns :class:`memtrack.embedders.clip.ClipOptions` into a :class:`_Source` -- an open_clip
+:func:`resolve_weights` turns :class:`memtrack.embedders.clip.ClipOptions` into a :class:`_Source` -- an open_clip
 architecture name and config, its preprocessing, and a pretrained tag, a weights file or a local folder --
 without building the model, refusing the combinations that load silently wrong (OpenAI weights on a GELU
 architecture). The options and the embedder itself are in :mod:`memtrack.embedders.clip`.
@@ -47,7 +47,7 @@ class _Source:
         return self.pretrained is None and self.weights_file is None
 
 
-def _open_clip() -> Any:
+def import_open_clip() -> Any:
     try:
         import open_clip
     except ImportError as exc:
@@ -59,8 +59,8 @@ def _open_clip() -> Any:
 # --------------------------------------------------------------------------------------------- resolving
 
 
-def _resolve(o: ClipOptions) -> _Source:
-    oc = _open_clip()
+def resolve_weights(o: ClipOptions) -> _Source:
+    oc = import_open_clip()
     if o.model.startswith("hf-hub:"):
         raise ConfigError(f"clip option model={o.model!r}: hf-hub: models are not supported",
                           hint=f"download the repository (hf download {o.model[7:]} --local-dir DIR) and use "
@@ -94,7 +94,7 @@ def _resolve(o: ClipOptions) -> _Source:
             if "openai" in str(src.weights_file).lower() and not cfg.get("quick_gelu", False):
                 logger.warning("clip: weights file %s looks like OpenAI's, which need the QuickGELU architecture; "
                                "if so, set model: %s-quickgelu", src.weights_file, name)
-    src.preprocess["size"] = _pair(cfg["vision_cfg"].get("image_size", 224))
+    src.preprocess["size"] = model_and_pretrained(cfg["vision_cfg"].get("image_size", 224))
     return src
 
 
@@ -125,7 +125,7 @@ def _resolve_local_dir(o: ClipOptions, oc: Any) -> _Source:
         raise ConfigError(f"clip option model={o.model!r}: no weights file in {folder}", hint=hint)
     cfg = local["model_cfg"]
     preprocess = oc.transform.merge_preprocess_dict(_default_preprocess(oc), local.get("preprocess_cfg") or {})
-    preprocess["size"] = _pair(cfg.get("vision_cfg", {}).get("image_size", 224))
+    preprocess["size"] = model_and_pretrained(cfg.get("vision_cfg", {}).get("image_size", 224))
     return _Source(create_name=LOCAL_DIR + str(folder.resolve()), model="local-dir", model_cfg=cfg,
                    preprocess=preprocess, weights_file=Path(weights).resolve(), config_hash=stable_hash(cfg))
 
@@ -178,7 +178,7 @@ def _check_quick_gelu(name: str, cfg: dict, tag: str, tag_cfg: dict) -> None:
                           f"{act[have]}; its features would be silently wrong", hint=f"set model: {fix}")
 
 
-def _openai_weights(oc: Any) -> dict[str, str]:
+def openai_weights(oc: Any) -> dict[str, str]:
     """sha256 of OpenAI's released .pt files (open_clip's URLs carry them) -> architecture name."""
     out = {}
     for model, tag in oc.list_pretrained():
@@ -192,7 +192,7 @@ def _default_preprocess(oc: Any) -> dict:
     return dataclasses.asdict(oc.transform.PreprocessCfg())
 
 
-def _pair(size: Any) -> tuple[int, int]:
+def model_and_pretrained(size: Any) -> tuple[int, int]:
     return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
 
 
@@ -208,7 +208,7 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return _HASHES[key]
 
 
-def _load_error(src: _Source, exc: Exception) -> ConfigError:
+def clip_load_error(src: _Source, exc: Exception) -> ConfigError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     if src.tag is not None:
         return ConfigError(f"clip: could not get the weights of pretrained tag {src.tag!r} for {src.model}: {first}",

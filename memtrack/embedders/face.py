@@ -54,7 +54,6 @@ from PIL import Image
 
 from memtrack.errors import ConfigError, DependencyError
 from memtrack.utils import sha256_file
-from memtrack.embedders.registry import register_embedder
 from memtrack.embedders.base import Embedder, EmbedderOptions, ReferenceVectors
 
 _FACE_HINT = "pip install 'memtrack[face]'  (installs dlib-bin and face_recognition_models)"
@@ -393,15 +392,22 @@ class DlibRecognizer(Recognizer):
                 "padding": DLIB_PADDING, "distance": "euclidean, raw descriptors"}
 
 
+#: ``face.backend`` -> recogniser class; :mod:`.face_backends` adds ArcFace and FaceNet (the embedder
+#: registry imports it with the built-ins, so ``get_embedder`` always sees them)
+RECOGNIZERS: dict[str, type[Recognizer]] = {"dlib": DlibRecognizer}
+
+
+def register_recognizer(name: str, cls: type[Recognizer]) -> None:
+    """Make ``name`` usable as ``face.backend``."""
+    RECOGNIZERS[name] = cls
+
+
 def _backend(name: str) -> type[Recognizer]:
-    """The recogniser class of ``face.backend`` (ArcFace and FaceNet live in :mod:`.face_backends`)."""
-    if name == "dlib":
-        return DlibRecognizer
-    from memtrack.embedders.face_backends import BACKENDS
-
-    return BACKENDS[name]
-
-register_embedder("face", FaceEmbedder)
+    """The recogniser class of ``face.backend``."""
+    if name not in RECOGNIZERS:
+        raise ConfigError(f"face.backend {name!r} is not registered (known: {', '.join(sorted(RECOGNIZERS))})",
+                          hint="build the embedder with memtrack.get_embedder, or import memtrack.embedders.face_backends")
+    return RECOGNIZERS[name]
 
 __all__ = ["FaceEmbedder", "FaceOptions", "FaceBatch", "AlignedFaces", "Recognizer", "is_dlib_available",
            "is_facenet_available", "dlib_model_dir", "sha256_of"]

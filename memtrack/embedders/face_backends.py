@@ -138,3 +138,5 @@ class FaceNetRecognizer(Recognizer):
 
 
 BACKENDS: dict[str, type[Recognizer]] = {"arcface": ArcFaceRecognizer, "facenet": FaceNetRecognizer}
+for _name, _cls in BACKENDS.items():
+    _face.register_recognizer(_name, _cls)

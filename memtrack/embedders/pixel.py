@@ -40,7 +40,6 @@ import numpy as np
 from PIL import Image
 
 from memtrack.errors import ConfigError
-from memtrack.embedders.registry import register_embedder
 from memtrack.embedders.base import Embedder, EmbedderOptions, ReferenceVectors
 
 #: torchvision's InterpolationMode names, as diffusers' ``--image_interpolation_mode`` spells them
@@ -315,6 +314,3 @@ def pixels(images: Sequence[Image.Image], resolution: int, crop: str = "center",
     for i, im in enumerate(images):
         out[i] = np.asarray(emb.canonical(im), dtype=np.uint8).transpose(2, 0, 1)
     return out
-
-
-register_embedder("pixel", PixelEmbedder)

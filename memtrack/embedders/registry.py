@@ -25,6 +25,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 def register_embedder(name: str, cls: type[Embedder], *, overwrite: bool = False) -> None:
     """Register an :class:`Embedder` subclass under ``name`` (a lowercase identifier)."""
+    _load_builtins()
     if not _NAME.match(name):
         raise ConfigError(f"embedder name {name!r} must be a lowercase identifier (letters, digits, _)")
     if not (isinstance(cls, type) and issubclass(cls, Embedder)):
@@ -45,9 +46,9 @@ def list_embedders() -> list[str]:
 def get_embedder(spec: Any) -> Embedder:
     """Build an embedder from a name, a ``{"name": ..., **options}`` mapping, or an :class:`EmbedderSpec`."""
     _load_builtins()
-    from memtrack.config import _embedder_spec
+    from memtrack.config import embedder_spec
 
-    spec = _embedder_spec(spec, "embedder")
+    spec = embedder_spec(spec, "embedder")
     if spec.name not in _REGISTRY:
         raise ConfigError(f"unknown embedder {spec.name!r}", hint=f"available: {', '.join(sorted(_REGISTRY))}")
     cls = _REGISTRY[spec.name]
@@ -71,14 +72,15 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from memtrack.embedders import pixel
-    from memtrack.embedders import clip
-    from memtrack.embedders import sscd
+    # Each module imports its heavy dependencies (torch, open_clip, dlib) only when an embedder is built.
+    from memtrack.embedders.clip import ClipEmbedder
+    from memtrack.embedders import face_backends  # noqa: F401  (registers the ArcFace and FaceNet recognisers)
+    from memtrack.embedders.face import FaceEmbedder
+    from memtrack.embedders.pixel import PixelEmbedder
+    from memtrack.embedders.sscd import SscdEmbedder
 
-    try:
-        from memtrack.embedders import face
-    except ImportError:  # face.py imports dlib lazily; this only guards a missing module file
-        pass
+    for name, cls in {"pixel": PixelEmbedder, "clip": ClipEmbedder, "sscd": SscdEmbedder, "face": FaceEmbedder}.items():
+        _REGISTRY.setdefault(name, cls)
 
 
 __all__ = ["Embedder", "EmbedderOptions", "EmbedderSpec", "ReferenceVectors", "register_embedder", "get_embedder",

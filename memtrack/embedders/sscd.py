@@ -34,7 +34,6 @@ import numpy as np
 from PIL import Image
 
 from memtrack.errors import ConfigError, DependencyError
-from memtrack.embedders.registry import register_embedder
 from memtrack.embedders.base import Embedder, EmbedderOptions, l2_normalise
 
 MEAN = (0.485, 0.456, 0.406)
@@ -173,6 +172,3 @@ class SscdEmbedder(Embedder):
 
     def close(self) -> None:
         self._model = None
-
-
-register_embedder("sscd", SscdEmbedder)

@@ -58,7 +58,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from memtrack.detectors.core import DetectorOutput
+from memtrack.detectors.types import DetectorOutput
 from memtrack.identity.calibration import Calibration, calibrate_threshold  # noqa: F401  (re-exported)
 
 _BLOCK = 1024

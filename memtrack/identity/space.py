@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from memtrack.config import Config
-from memtrack.detectors.registry import Provenance, register_detector
-from memtrack.detectors.core import DetectorOutput, SpaceEvidence
+from memtrack.detectors.types import DetectorSpec, Provenance
+from memtrack.detectors.types import DetectorOutput, SpaceEvidence
 from memtrack.identity.detect import calibrate_threshold, identity_candidates, identity_groups, identity_interpolation, identity_leak
 from memtrack.utils import get_logger
 
@@ -156,11 +156,18 @@ def _interp_detail(space: str, cfg, out: DetectorOutput):
                         "measured with dlib" + verify)
 
 
-register_detector("identity_leak", "face", _leak,
+IDENTITY_DETECTORS: list[DetectorSpec] = []  # registered by memtrack.detectors.registry
+
+
+def _declare(*args, **kwargs) -> None:
+    IDENTITY_DETECTORS.append(DetectorSpec(*args, **kwargs))
+
+
+_declare("identity_leak", "face", _leak,
                   "a generated face within the verification threshold of a training identity it clearly belongs to",
                   citation=LEAK_CITE, provenance=Provenance("published", (), LEAK_CITE, resolve=_leak_source),
                   regime="generated faces found by the face detector; calibration needs >= 10 labelled identities")
-register_detector("identity_interpolation", "face", _interpolation,
+_declare("identity_interpolation", "face", _interpolation,
                   "a generated face accepted as two training identities, dominated by neither (d1/d2 > r)",
                   citation=INTERP_CITE,
                   provenance=Provenance("memtrack", ("identity_ratio",), INTERP_CITE, resolve=_interp_detail),

@@ -46,11 +46,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from memtrack.errors import DependencyError, IndexError_
-from memtrack.utils import get_logger
+from memtrack.config import INDEX_TYPES  # noqa: F401  (the vocabulary lives with the config)
+from memtrack.utils import get_logger, parse_bytes  # noqa: F401
 
 logger = get_logger(__name__)
 
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf_flat", "ivf_pq")
 FLAT_MAX_BYTES = 256 << 20
 HNSW_MAX = 250_000
 IVF_FLAT_MAX = 1_000_000
@@ -103,29 +103,6 @@ def default_memory_budget() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 8 << 30
-
-
-def parse_bytes(text: str | int | None) -> Optional[int]:
-    """``"16GB"``, ``"512MiB"``, ``"2e9"`` or an int -> bytes; None stays None."""
-    if text is None or isinstance(text, int):
-        return text
-    s = str(text).strip().lower().replace(" ", "")
-    units = {"tib": 1 << 40, "gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10,
-             "tb": 10 ** 12, "gb": 10 ** 9, "mb": 10 ** 6, "kb": 10 ** 3, "t": 10 ** 12, "g": 10 ** 9,
-             "m": 10 ** 6, "k": 10 ** 3, "b": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            s, scale = s[: -len(unit)], mult
-            break
-    else:
-        scale = 1
-    try:
-        value = float(s) * scale
-    except ValueError:
-        raise IndexError_(f"memory budget {text!r} is not a size", hint="use e.g. 16GB, 512MiB or 2e9") from None
-    if not math.isfinite(value) or value <= 0:
-        raise IndexError_(f"memory budget must be > 0, got {text!r}")
-    return int(value)
 
 
 def n_lists(n: int) -> int:
@@ -340,7 +317,7 @@ def tune(index, kind: str, search_with: Callable, fetch: Callable, n: int, metri
     kk = max(1, min(k, n - 1))
     exact = _exact_others(fetch, n, qids, kk, metric)
     name, values = _param_range(kind, index, kk)
-    hnsw_q = _has_hnsw_quantizer(index)
+    hnsw_q = has_hnsw_quantizer(index)
 
     def params(value: int) -> dict:
         extra = {"quantizer_efSearch": max(2 * value, QUANTIZER_EF_MIN)} if hnsw_q and name == "nprobe" else {}
@@ -385,7 +362,7 @@ def tune(index, kind: str, search_with: Callable, fetch: Callable, n: int, metri
     return result(best, params(values[hi]), True, True, rerank)
 
 
-def _has_hnsw_quantizer(index) -> bool:
+def has_hnsw_quantizer(index) -> bool:
     try:
         ivf = faiss_module().extract_index_ivf(index)
     except RuntimeError:

@@ -10,17 +10,22 @@ Example:
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from memtrack.errors import IndexError_
-from memtrack.index.choice import (QUANTIZER_EF_MIN, IndexChoice, RecallResult, _has_hnsw_quantizer, choose_index,
+from memtrack.index.choice import (QUANTIZER_EF_MIN, IndexChoice, RecallResult, has_hnsw_quantizer, choose_index,
                            default_memory_budget, faiss_module, held_out, make_index, measure_recall, parse_bytes,
                            search_reranked, set_search_params, training_sample, tune)
 from memtrack.utils import get_logger
+
+MANIFEST = "manifest.json"  # an index folder's description (spaces, records, hashes)
 
 logger = get_logger(__name__)
 
@@ -57,7 +62,7 @@ def build_faiss(folder: Path, name: str, metric: str, dim: int, stored, prepare:
     if not index.is_trained:
         # 1. train the quantizer on a sample (rows read in order from a memory-mapped file)
         index.train(prepare(stored[training_sample(n, choice)]))
-        if _has_hnsw_quantizer(index):  # accurate list assignment when adding
+        if has_hnsw_quantizer(index):  # accurate list assignment when adding
             set_search_params(index, {"quantizer_efSearch": QUANTIZER_EF_MIN})
         faiss.write_index(index, str(Path(folder) / f"{name}.trained.faiss"))
     # 2. add every vector, block by block; on disk: one IVF part per block, merged into one file
@@ -193,3 +198,28 @@ def to_gpu(index, enabled: bool = True):
     except (RuntimeError, AttributeError) as exc:  # unsupported index type on GPU
         logger.warning("faiss-gpu cannot hold this index (%s); searching on the CPU", str(exc).splitlines()[0])
         return index
+
+
+def write_records(path: Path, records: Sequence) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` folder onto ``out``; an old ``out`` is removed only after the swap."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def prepare_vectors(metric: str, vectors: np.ndarray, divisor: float) -> np.ndarray:
+    """Stored vectors as faiss takes them: float32, divided back to [0, 1] pixels, unit length for cosine."""
+    x = np.ascontiguousarray(np.asarray(vectors).astype(np.float32) / np.float32(divisor))
+    if metric == "cosine":
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x

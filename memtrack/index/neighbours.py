@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from memtrack.detectors.core import exact_rms_distances, per_row, tiled_distances
+from memtrack.index.files import prepare_vectors
 
 _WORK = 2e7  # float64 values per block of candidates (~160 MB)
 
@@ -34,12 +35,6 @@ class TrainNeighbours:
     dist: Optional[np.ndarray] = None      # [n queried records, keep] their distances, ascending
     tiled: Optional[np.ndarray] = None     # [n queried records] tiled L2 to the nearest of them
     records: Optional[np.ndarray] = None   # [n queried records] which records the lists belong to
-
-
-def _prepare(metric: str, x: np.ndarray, divisor: float) -> np.ndarray:
-    from memtrack.index.space import _prepare as prepare
-
-    return prepare(metric, x, divisor)
 
 
 def _distances(metric: str, q: np.ndarray, cand: np.ndarray, rms: bool) -> np.ndarray:
@@ -102,7 +97,7 @@ def compute(metric: str, stored, divisor: float, rows: np.ndarray, query_ids: np
 
 def _search_block(metric, stored, divisor, vids, rows, search, fetch, cand_rows, k, rms):
     q = np.asarray(stored[vids], np.float64) / divisor
-    cids = np.asarray(search(_prepare(metric, stored[vids], divisor), k), np.int64)
+    cids = np.asarray(search(prepare_vectors(metric, stored[vids], divisor), k), np.int64)
     valid = cids >= 0
     cand = fetch(np.where(valid, cids, 0))
     crow = np.where(valid, np.asarray(cand_rows)[np.where(valid, cids, 0)], -1)

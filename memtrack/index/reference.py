@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -47,12 +46,13 @@ from memtrack.data.dataset import Dataset, Record
 from memtrack.embedders.registry import Embedder, fingerprint_diff
 from memtrack.errors import DataError, FingerprintMismatch, IndexError_
 from memtrack.index.content_hash import content_hash
-from memtrack.index.space import _baseline_meta, _embedded_in_memory, _prepare, _storage, _write_space
+from memtrack.index.files import replace_dir, write_records
+from memtrack.index.space import baseline_record, embed_in_memory, prepare_vectors, space_storage, write_space
 from memtrack.utils import atomic_write_json, get_logger
 
 logger = get_logger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = fx.MANIFEST
 FORMAT_VERSION = 1
 
 
@@ -94,7 +94,7 @@ class Space:
 
     def prepared(self, ids: np.ndarray) -> np.ndarray:
         """The vectors as the faiss index sees them (cosine spaces normalised)."""
-        return _prepare(self.metric, self.vectors[np.asarray(ids)], self.divisor)
+        return prepare_vectors(self.metric, self.vectors[np.asarray(ids)], self.divisor)
 
     @property
     def rerank(self) -> int:
@@ -142,7 +142,7 @@ class ReferenceIndex:
         plan = sh.plan(records, embedders, config.index.shard_size, config.data.max_image_pixels) if sharded else []
         if sharded:
             # 1. every process embeds its shards (finished shards of an earlier attempt are kept)
-            sh.embed_shards(records, embedders, folder, plan, lambda e, recs: _embedded_in_memory(
+            sh.embed_shards(records, embedders, folder, plan, lambda e, recs: embed_in_memory(
                 e, recs, config), rank, world)
             if state is not None:
                 state.wait_for_everyone()
@@ -160,10 +160,10 @@ class ReferenceIndex:
                 # 2. the space's vectors: from the shards, or embedded here
                 if sharded:
                     stored, rows = sh.collect(folder, plan, emb.name, tmp / f"{emb.name}.vectors.npy",
-                                              _storage(emb)[1], emb.dim)
+                                              space_storage(emb)[1], emb.dim)
                     failed = sh.failed_records(folder, plan)
                 else:
-                    stored, rows, failed = _embedded_in_memory(emb, records, config)
+                    stored, rows, failed = embed_in_memory(emb, records, config)
                 failed_all.update({f.path: f for f in failed})
                 if emb.identities:
                     from memtrack.identity.space import select_faces
@@ -172,18 +172,18 @@ class ReferenceIndex:
                     stored, rows = np.asarray(stored)[keep], rows[keep]
                     (tmp / f"{emb.name}.vectors.npy").unlink(missing_ok=True)
                 # 3-5. index, baseline, identities
-                space = _write_space(tmp, emb, stored, rows, records, config)
+                space = write_space(tmp, emb, stored, rows, records, config)
                 spaces_meta[emb.name] = space["meta"]
-                baseline_meta[emb.name] = _baseline_meta(emb.name, emb.metric, space["baseline"])
+                baseline_meta[emb.name] = baseline_record(emb.name, emb.metric, space["baseline"])
                 baseline_meta.update(space["extra_baselines"])
                 identity_block = space["identity"] or identity_block
                 del stored
             skipped.extend(f.to_dict() for f in failed_all.values())
             manifest = _manifest(dataset, records, skipped, config, spaces_meta, baseline_meta, identity_block)
-            _write_records(tmp / "records.jsonl", records)
+            write_records(tmp / "records.jsonl", records)
             manifest["content_hash"] = content_hash(tmp, manifest, records)  # what verdicts depend on
             atomic_write_json(tmp / MANIFEST, manifest)
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -284,7 +284,7 @@ class ReferenceIndex:
         Scores are faiss's (inner product for cosine spaces, squared L2 otherwise); use them only to rank.
         """
         sp = self.spaces[space]
-        q = _prepare(sp.metric, queries, 1.0)
+        q = prepare_vectors(sp.metric, queries, 1.0)
         k = max(1, min(k, sp.index.ntotal))
         if len(q) == 0 or sp.index.ntotal == 0:
             return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
@@ -373,20 +373,3 @@ def _manifest(dataset: Dataset, records: list[Record], skipped: list, config: Co
     if identity_block is not None:
         manifest["identity"] = identity_block
     return manifest
-
-
-def _write_records(path: Path, records: Sequence[Record]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder onto ``out``; an old ``out`` is removed only after the swap."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

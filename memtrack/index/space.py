@@ -13,6 +13,7 @@ import numpy as np
 from memtrack.index import choice as ic
 from memtrack.index import files as fx
 from memtrack.index import neighbours as nb
+from memtrack.index.files import prepare_vectors
 from memtrack.index import shards as sh
 from memtrack.config import Config
 from memtrack.data.dataset import Record
@@ -32,24 +33,17 @@ def make_faiss_index(metric: str, dim: int, n: int, index_type: str = "flat", me
     return ic.make_index(ic.choose_index(n, dim, memory_budget, index_type), metric, dim)
 
 
-def _prepare(metric: str, vectors: np.ndarray, divisor: float) -> np.ndarray:
-    x = np.ascontiguousarray(np.asarray(vectors).astype(np.float32) / np.float32(divisor))
-    if metric == "cosine":
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return x
-
-
 # -------------------------------------------------------------------------------------------- build
 
 
-def _storage(emb: Embedder) -> tuple[float, str]:
+def space_storage(emb: Embedder) -> tuple[float, str]:
     """(divisor, dtype) of a space's stored vectors: the pixel space keeps exact uint8 pixels."""
     return (255.0, "uint8") if emb.metric == "l2" and emb.name == "pixel" else (1.0, "float32")
 
 
 def is_pixel_space(emb: Embedder) -> bool:
     """The space of raw pixels, where nn_ratio, tiled_l2 and adaptive_l2 are defined (exact uint8 storage)."""
-    return _storage(emb)[1] == "uint8"
+    return space_storage(emb)[1] == "uint8"
 
 
 def views_of(rows: np.ndarray) -> int:
@@ -69,7 +63,7 @@ def second_neighbour_check(emb: Embedder, fetch, rows: np.ndarray, icfg, views: 
 
 
 def _to_stored(emb: Embedder, vec: np.ndarray) -> np.ndarray:
-    divisor, dtype = _storage(emb)
+    divisor, dtype = space_storage(emb)
     if dtype == "uint8":
         return np.rint(vec * 255.0).clip(0, 255).astype(np.uint8)
     return vec.astype(np.float32)
@@ -130,7 +124,7 @@ def save_lists(tmp: Path, name: str, rows: np.ndarray, dist: np.ndarray, tiled: 
 TILED_SUFFIX = "_tiled"  # the tiled baseline is reported as the baseline of "<space>_tiled"
 
 
-class _Searcher:
+class Searcher:
     """``search(q, k)`` of a space's faiss index, with exact re-ranking where the codes are approximate."""
 
     def __init__(self, index, metric: str, fetch, rerank: int):
@@ -140,15 +134,15 @@ class _Searcher:
         return ic.search_reranked(self.index, self.fetch, self.metric, q, k, self.rerank)
 
 
-def _write_space(tmp: Path, emb: Embedder, stored, rows: np.ndarray, records: Sequence[Record],
+def write_space(tmp: Path, emb: Embedder, stored, rows: np.ndarray, records: Sequence[Record],
                  config: Config) -> dict:
     """Index, tune, baseline and save one space into ``tmp``; returns its manifest entry + baseline."""
     icfg = config.index
-    divisor, dtype = _storage(emb)
+    divisor, dtype = space_storage(emb)
     # 1. choose, train and fill the faiss index (on-disk inverted lists when over the memory budget)
-    built = fx.build_faiss(tmp, emb.name, emb.metric, emb.dim, stored, lambda x: _prepare(emb.metric, x, divisor),
+    built = fx.build_faiss(tmp, emb.name, emb.metric, emb.dim, stored, lambda x: prepare_vectors(emb.metric, x, divisor),
                            icfg, exact=is_pixel_space(emb))
-    fetch = lambda ids: _prepare(emb.metric, stored[np.asarray(ids)], divisor)  # noqa: E731
+    fetch = lambda ids: prepare_vectors(emb.metric, stored[np.asarray(ids)], divisor)  # noqa: E731
     # 2. search parameters tuned to the recall target, recall measured against exact search -- for the
     #    pixel space also the recall of the 2nd nearest training image of generated-like queries
     views = 1 if emb.identities else views_of(rows)
@@ -156,7 +150,7 @@ def _write_space(tmp: Path, emb: Embedder, stored, rows: np.ndarray, records: Se
     recall = fx.tune_built(built, emb.metric, fetch, len(stored), icfg, second)
     if is_pixel_space(emb) and recall.recall_2nd is None:
         recall.recall_2nd = 1.0  # exact search: the 2nd neighbour is never missed
-    searcher = _Searcher(built.index, emb.metric, fetch, recall.rerank)
+    searcher = Searcher(built.index, emb.metric, fetch, recall.rerank)
     # 3. the train->train baseline (nearest other *record*); for the pixel space also every record's
     #    index.baseline_k nearest other records and the tiled baseline
     pixel = is_pixel_space(emb)
@@ -187,13 +181,13 @@ def _write_space(tmp: Path, emb: Embedder, stored, rows: np.ndarray, records: Se
     meta = {"fingerprint": emb.fingerprint, "options": dataclasses.asdict(emb.options),
             "metric": emb.metric, "dim": emb.dim, "n_vectors": int(len(stored)), "views": views_of(rows), "dtype": dtype,
             "divisor": divisor, "index_type": type(built.index).__name__, **built.meta(),
-            **_recall_meta(recall, second)}
+            **recall_meta(recall, second)}
     if pixel:
         meta["train_neighbours"] = {"k": keep, "statistic": "RMS pixel distance, minimum over both images' views"}
     return {"meta": meta, "baseline": base, "identity": identity_meta, "extra_baselines": extra_baselines}
 
 
-def _recall_meta(recall, second=None) -> dict:
+def recall_meta(recall, second=None) -> dict:
     """The manifest's recall fields; ``recall_2nd`` (pixel spaces) with how it was measured."""
     meta = {"recall_at_k": round(recall.recall_at_k, 4), "recall_at_1": round(recall.recall_at_1, 4),
             "rerank": recall.rerank, "search_params": recall.params, "recall": recall.to_dict()}
@@ -210,13 +204,13 @@ def tiled_baseline_meta(tiled: tuple, keep: int, values: np.ndarray) -> dict:
                          f"image among its {keep} pixel-nearest", "grid": grid, **summarise(values)}
 
 
-def _baseline_meta(emb_name: str, metric: str, base: np.ndarray) -> dict:
+def baseline_record(emb_name: str, metric: str, base: np.ndarray) -> dict:
     stat = ("cosine to nearest other" if metric == "cosine" else "RMS pixel distance to nearest other"
             if emb_name == "pixel" else "distance to nearest other")
     return {"statistic": stat, **summarise(base)}
 
 
-def _embedded_in_memory(emb, records, config):
+def embed_in_memory(emb, records, config):
     vec, rows, failed = sh.embed_records(emb, records, config.index.batch_size, config.data.max_image_pixels,
                                          config.index.read_workers)
     return _to_stored(emb, vec), rows, failed

@@ -33,9 +33,8 @@ logger = get_logger(__name__)
 
 def add_to_index(ref, data: Dataset | Sequence[Record], embedders: Sequence, config: Config | None = None):
     """See :meth:`memtrack.index.reference.ReferenceIndex.add`."""
-    from memtrack.index import reference as ix
 
-    config = config or _index_config(ref)
+    config = config or index_config(ref)
     new, skipped, source = _records_of(data)
     _refuse_duplicates(ref, new)
     if {e.name for e in embedders} != set(ref.spaces):
@@ -53,7 +52,7 @@ def add_to_index(ref, data: Dataset | Sequence[Record], embedders: Sequence, con
         for emb in embedders:
             meta, base, failed, identity, extra = _add_space(ref, emb, new, records, config, tmp)
             manifest["spaces"][emb.name] = meta
-            manifest["baseline"][emb.name] = spaces._baseline_meta(emb.name, emb.metric, base)
+            manifest["baseline"][emb.name] = spaces.baseline_record(emb.name, emb.metric, base)
             manifest["baseline"].update(extra)
             if identity is not None:
                 manifest["identity"] = identity
@@ -65,20 +64,20 @@ def add_to_index(ref, data: Dataset | Sequence[Record], embedders: Sequence, con
             {"source": source, "n_added": len(new), "n_skipped": len(added),
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "previous_content_hash": ref.content_hash}]
-        ix._write_records(tmp / "records.jsonl", records)
+        fx.write_records(tmp / "records.jsonl", records)
         for old in ref.path.iterdir():  # files this update does not rewrite (nothing is lost)
-            if old.is_file() and not (tmp / old.name).exists() and old.name != ix.MANIFEST:
+            if old.is_file() and not (tmp / old.name).exists() and old.name != fx.MANIFEST:
                 shutil.copy2(old, tmp / old.name)
         manifest["content_hash"] = content_hash(tmp, manifest, records)  # new images: new verdicts
-        atomic_write_json(tmp / ix.MANIFEST, manifest)
-        ix._replace_dir(tmp, ref.path)
+        atomic_write_json(tmp / fx.MANIFEST, manifest)
+        fx.replace_dir(tmp, ref.path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return type(ref).open(ref.path)
 
 
-def _index_config(ref) -> Config:
+def index_config(ref) -> Config:
     """The config the index was built with (data and index sections)."""
     saved = ref.manifest.get("config", {})
     return from_dict(Config, {"data": saved.get("data", {}), "index": saved.get("index", {})})
@@ -112,7 +111,7 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     sp = ref.spaces[emb.name]
     n_old_records, m_old = len(ref.records), len(sp.vectors)
     # 1. embed the new images (rows continue after the old records)
-    vec, rows, failed = spaces._embedded_in_memory(emb, new, config)
+    vec, rows, failed = spaces.embed_in_memory(emb, new, config)
     rows = np.asarray(rows, np.int64) + n_old_records
     if emb.identities:
         from memtrack.identity.space import select_faces
@@ -129,7 +128,7 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     del dest
     stored = np.load(path, mmap_mode="r")
     all_rows = np.concatenate([sp.rows, rows])
-    prepare = lambda x: spaces._prepare(sp.metric, x, sp.divisor)  # noqa: E731
+    prepare = lambda x: spaces.prepare_vectors(sp.metric, x, sp.divisor)  # noqa: E731
     fetch = lambda ids: prepare(stored[np.asarray(ids)])  # noqa: E731
     # 3. the faiss index, extended
     index = _extend_faiss(ref.path, tmp, emb.name, sp.info, stored, m_old, prepare)
@@ -141,7 +140,7 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     recall = fx.remeasure(index, kind, sp.info, sp.metric, fetch, len(stored), config.index, second)
     if spaces.is_pixel_space(emb) and recall.recall_2nd is None:
         recall.recall_2nd = 1.0
-    searcher = spaces._Searcher(index, sp.metric, fetch, recall.rerank)
+    searcher = spaces.Searcher(index, sp.metric, fetch, recall.rerank)
     # 5. baseline (and the pixel space's neighbour lists): new vectors against all; old vectors against the
     #    new ones (the nearest other may be new)
     base, lists = _updated_baseline(ref, emb, sp, stored, m_old, searcher, all_rows, len(records), config)
@@ -163,7 +162,7 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     np.save(tmp / f"{emb.name}.baseline.npy", base)
     ic.faiss_module().write_index(index, str(tmp / f"{emb.name}.faiss"))
     _note_if_outgrown(emb.name, sp.info, len(stored), config)
-    meta = {**sp.info, "n_vectors": int(len(stored)), **spaces._recall_meta(recall, second),
+    meta = {**sp.info, "n_vectors": int(len(stored)), **spaces.recall_meta(recall, second),
             "views": max(int(sp.info.get("views", 1)), spaces.views_of(all_rows))}
     if lists is not None:
         meta["train_neighbours"] = {"k": int(lists[0].shape[1]),
@@ -214,7 +213,7 @@ def _updated_baseline(ref, emb, sp, stored, m_old: int, searcher, all_rows: np.n
     faiss = ic.faiss_module()
     flat = faiss.IndexFlatIP(sp.dim) if sp.metric == "cosine" else faiss.IndexFlatL2(sp.dim)
     new_stored = stored[m_old:]
-    flat.add(spaces._prepare(sp.metric, new_stored, sp.divisor))
+    flat.add(spaces.prepare_vectors(sp.metric, new_stored, sp.divisor))
     via = nb.compute(sp.metric, stored, sp.divisor, all_rows, np.arange(m_old),
                      lambda q, k: flat.search(q, min(k, m - m_old))[1], nb.raw_fetch(new_stored, sp.divisor),
                      all_rows[m_old:], keep, views, rms, pixel, tiled)

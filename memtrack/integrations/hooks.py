@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 
 from memtrack.sampling.checkpoints import inspect
 from memtrack.utils import get_logger
-from memtrack.integrations.logging import log_to_accelerator, match_grid
+from memtrack.integrations.scalars import log_to_accelerator, match_grid
 
 logger = get_logger(__name__)
 
@@ -175,9 +175,9 @@ class SaveStateHook:
             else:
                 readable = ck is not None
             if not readable:
-                from memtrack.integrations.watch import _placeholder
+                from memtrack.integrations.watch import placeholder_checkpoint
 
-                result = tracker.skip(_placeholder(path, step, path.name),
+                result = tracker.skip(placeholder_checkpoint(path, step, path.name),
                                       "unknown layout: no unet/, unet_ema/ or LoRA weights")
             else:
                 result = tracker.evaluate(ck)
@@ -239,7 +239,7 @@ def track_accelerator(index: str | Path, config: str | Path | None = None, *, ru
         >>> hook.finalize()
     """
     from memtrack.config import load_config
-    from memtrack.integrations.inprocess import TrackingOptions, make_factory
+    from memtrack.integrations.options import TrackingOptions, make_factory
 
     opts = TrackingOptions(str(index), str(config) if config else None, dict(overrides or {}),
                            str(store_dir) if store_dir else None, str(run_dir) if run_dir else None)

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 from memtrack.errors import FingerprintMismatch
 from memtrack.utils import get_logger
-from memtrack.integrations.inprocess import script_flag
+from memtrack.integrations.options import script_flag
 
 logger = get_logger(__name__)
 

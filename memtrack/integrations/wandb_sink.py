@@ -35,7 +35,7 @@ import numpy as np
 
 from memtrack.errors import DependencyError
 from memtrack.utils import get_logger, stable_hash
-from memtrack.integrations.logging import GRID_TAG, result_scalars
+from memtrack.integrations.scalars import GRID_TAG, result_scalars
 
 logger = get_logger(__name__)
 

@@ -196,11 +196,11 @@ class Watcher:
     def _handle(self, ev: Event):
         self._done.add(ev.name)
         if ev.staged is None:
-            return self.tracker.skip(_placeholder(self.run_dir / ev.name, ev.step, ev.name), ev.reason)
+            return self.tracker.skip(placeholder_checkpoint(self.run_dir / ev.name, ev.step, ev.name), ev.reason)
         try:
             ck = inspect(ev.staged, ev.step, ev.name, self.prefer_ema)
             if ck is None:
-                return self.tracker.skip(_placeholder(ev.staged, ev.step, ev.name),
+                return self.tracker.skip(placeholder_checkpoint(ev.staged, ev.step, ev.name),
                                          "unknown layout: no unet/, unet_ema/ or LoRA weights")
             return self._evaluate(ck)
         finally:
@@ -285,6 +285,6 @@ def sweep(tracker, run_dir: str | Path) -> list:
     return Watcher(tracker, run_dir).finish()
 
 
-def _placeholder(path: Path, step: int, name: str) -> Checkpoint:
+def placeholder_checkpoint(path: Path, step: int, name: str) -> Checkpoint:
     """A record for a checkpoint that cannot be read, so its skip can be stored."""
     return Checkpoint(step, path, name, "unet", path / "unet", "unknown", files=[])

@@ -8,7 +8,7 @@ its own card (``summary["detector_card"]``, same schema), which then takes prece
 an index or a model: the report reads summary.json and package data only.
 
 Pure functions: dicts in, strings out. :func:`card_html` and :func:`card_markdown` escape every string that
-came from data (:func:`memtrack.report.markup.esc`, :func:`memtrack.report.markdown.md`).
+came from data (:func:`memtrack.report.markup.esc`, :func:`memtrack.report.markup.md`).
 """
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ def card_html(summary: dict):
 
 def card_markdown(summary: dict) -> str:
     """The same card as a collapsed Markdown block (empty when the run used no detector)."""
-    from memtrack.report.markdown import md
+    from memtrack.report.markup import md
 
     view = card_view(summary)
     if view is None:

@@ -10,13 +10,12 @@ Example:
 """
 from __future__ import annotations
 
-import html
 import io
-import re
 from pathlib import Path
 
 from memtrack.utils import atomic_write_bytes
 from memtrack.report.card import card_markdown
+from memtrack.report.markup import md
 from memtrack.report.html_charts import run_names
 from memtrack.report.markup import image_mime
 from memtrack.analysis.series import series_lines
@@ -26,12 +25,6 @@ from memtrack.report.text import (changes_sentence, checkpoints, comparison, fmt
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp"}
 _PREFIX = "memtrack-"
-
-
-def md(text: object) -> str:
-    """Escape a data string for Markdown *and* the HTML GitHub allows in it; one line."""
-    s = re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", re.sub(r"\s+", " ", str(text)).strip())
-    return html.escape(s, quote=True)  # after the backslashes, so entities such as &#x27; stay whole
 
 
 def render_markdown(summary: dict, gallery: list[dict], out_dir: Path, *, runs: list[dict] | None = None) -> str:

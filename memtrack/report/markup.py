@@ -7,6 +7,8 @@ Images are embedded as ``data:`` URIs, so the report never loads anything.
 from __future__ import annotations
 
 import base64
+import html
+import re
 import struct
 from typing import Iterable, Sequence
 
@@ -90,3 +92,9 @@ def legend(items: Iterable[tuple[str, str]]) -> Raw:
     """``(swatch markup, label)`` pairs in a wrapping row."""
     spans = "".join(f"<span>{sw}{esc(text)}</span>" for sw, text in items)
     return Raw(f'<div class="legend">{spans}</div>') if spans else Raw("")
+
+
+def md(text: object) -> str:
+    """Escape a data string for Markdown *and* the HTML GitHub allows in it; one line."""
+    s = re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", re.sub(r"\s+", " ", str(text)).strip())
+    return html.escape(s, quote=True)  # after the backslashes, so entities such as &#x27; stay whole

@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 from memtrack.sampling.checkpoints import CONDITIONAL_UNETS, LIVE, Checkpoint
 from memtrack.config import SamplingConfig
 from memtrack.errors import CheckpointError, ConfigError, DependencyError
-from memtrack.sampling.unconditional import _torch_dtype, build_scheduler, load_unet, register_pipeline_builder
+from memtrack.sampling.unconditional import torch_dtype_of, build_scheduler, load_unet, register_pipeline_builder
 from memtrack.utils import get_logger
 
 logger = get_logger(__name__)
@@ -133,7 +133,7 @@ def _dtype_kw(name: str) -> dict:
     """diffusers >= 0.36 names the argument ``dtype`` (``torch_dtype`` is deprecated); older ones ``torch_dtype``."""
     from diffusers.pipelines import pipeline_utils
 
-    return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": _torch_dtype(name)}
+    return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": torch_dtype_of(name)}
 
 
 def _scheduler(cfg: SamplingConfig, current):
@@ -175,7 +175,7 @@ def load_text_encoder(folder: Path, dtype: str = "float32"):
     if cls is None:
         raise CheckpointError(f"{folder} holds an unknown text encoder class {arch!r}")
     major = int(transformers.__version__.split(".")[0])
-    dtype_kw = {"dtype" if major >= 5 else "torch_dtype": _torch_dtype(dtype)}
+    dtype_kw = {"dtype" if major >= 5 else "torch_dtype": torch_dtype_of(dtype)}
     try:
         return cls.from_pretrained(folder, **dtype_kw)
     except (OSError, ValueError, RuntimeError) as exc:

@@ -196,7 +196,7 @@ def used_scheduler(pipeline) -> dict | None:
     return scheduler_identity(sched) if hasattr(sched, "config") else None
 
 
-def _torch_dtype(name: str):
+def torch_dtype_of(name: str):
     import torch
 
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
@@ -259,7 +259,7 @@ def load_unet(folder: Path, dtype: str = "float32"):
         _refuse_pickled_code(folder)
     try:
         with _quiet_ema_config(cls, config):
-            return cls.from_pretrained(folder, torch_dtype=_torch_dtype(dtype), use_safetensors=safetensors)
+            return cls.from_pretrained(folder, torch_dtype=torch_dtype_of(dtype), use_safetensors=safetensors)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the model in {folder}: {exc}",
                               hint="the checkpoint may be half-written or corrupt") from None

@@ -15,7 +15,7 @@ from memtrack.errors import DataError
 from memtrack.index.reference import ReferenceIndex
 from memtrack.detectors.metrics import not_applicable_block, rate_block
 from memtrack.scan.tracker import embedders_for, thresholds_block
-from memtrack.detectors.core import run_detectors  # noqa: F401  (re-exported for API users)
+from memtrack.detectors.registry import run_detectors  # noqa: F401  (re-exported for API users)
 
 
 def check_folder(images_dir: str | Path, index_dir: str | Path, config: str | Path | None = None,

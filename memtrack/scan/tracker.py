@@ -23,7 +23,8 @@ from PIL import Image
 
 from memtrack.sampling.checkpoints import Checkpoint
 from memtrack.config import Config, load_config
-from memtrack.detectors.core import DetectorOutput, SpaceEvidence, run_detectors
+from memtrack.detectors.registry import run_detectors
+from memtrack.detectors.types import DetectorOutput, SpaceEvidence
 from memtrack.embedders.registry import Embedder, get_embedder
 from memtrack.errors import CheckpointError, ConfigError
 from memtrack.identity.space import face_evidence  # also registers the identity detectors
