@@ -14,8 +14,8 @@ from PIL import Image
 from helpers_core import against_all, scene, training_images
 from memtrack.config import DetectorsConfig
 from memtrack.detectors.core import (DetectorOutput, SpaceEvidence, _tile_bounds, adaptive_l2, copy_score,
-                                exact_rms_distances, list_detectors, nn_ratio, run_detectors, tiled_distances,
-                                tiled_l2)
+                                     exact_rms_distances, nn_ratio, tiled_distances, tiled_l2)
+from memtrack.detectors.registry import list_detectors, run_detectors
 
 TRAIN = training_images()  # [5, 3, 32, 32]
 N_TRAIN = len(TRAIN)

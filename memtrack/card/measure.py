@@ -301,7 +301,7 @@ def index_card(ref, config: Config | None = None, *, max_images: int = INDEX_CAR
     sources = [Source(Path(ref.records[r].id).stem, open_image(ref.records[r].path), identities.get(r),
                       ref.records[r].id) for r in rows]
     embedders = embedders_for(ref, Config())
-    pixel = next((e for e in embedders if e.name == "pixel"), None)
+    pixel = next((e for e in embedders if e.pixel_space), None)
     res = int(pixel.options.resolution) if pixel is not None else 64
     # the cases are made from the training images as the index's pixel space sees them (its own transform)
     prepare = pixel.canonical if pixel is not None else None

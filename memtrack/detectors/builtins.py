@@ -29,7 +29,8 @@ _declare("nn_ratio", "pixel",
                   lambda s, ev, cfg: nn_ratio(ev.query, ev.cand_vecs, cfg.nn_ratio, ev.cand_ids),
                   "Gu et al. 2023: d1/d2 < 1/3 on raw pixels", citation=GU, reproduction=True,
                   regime="two or more training images",
-                  provenance=Provenance("published", ("nn_ratio",), GU, "d1/d2 < 1/3, the paper's threshold"))
+                  provenance=Provenance("published", ("nn_ratio",), GU, "d1/d2 < 1/3, the paper's threshold"),
+         label="near-copies")
 def _needs_lists(space: str, ev: SpaceEvidence, cfg) -> str | None:
     if ev.extra.get("train_neighbours") is None:
         return ("the index has no train->train neighbour lists (it was built by an older memtrack): rebuild it "
@@ -51,7 +52,8 @@ _declare("nn_ratio_dedup", "pixel", _dedup,
                                         "Gu et al.'s 1/3 applied to memtrack's d2 past near-duplicates; the "
                                         "near-duplicate distance is calibrated on the train->train lists"),
                   regime="two or more training images that are not near-duplicates of each other; near-duplicate = "
-                         "within 1/3 of the median train->train nearest-neighbour distance")
+                         "within 1/3 of the median train->train nearest-neighbour distance",
+         label="near-copies of duplicated images")
 # tiled_l2: tiles smaller than this are no evidence of copying. On held-out random 16-px crops (4-px tiles)
 # tiled_l2's onset came at steps 100-200 while nn_ratio stayed at 0-3% and the samples were still blurry;
 # Carlini et al. compare 128-px tiles of 512-px images. memtrack's own choice: 8 px (32-px images, 4x4 grid).
@@ -94,7 +96,8 @@ _declare("tiled_l2", "pixel",
                                         "memtrack's starting point -- compare it with the tiled train->train "
                                         "baseline (summary.json baseline.pixel_tiled)"),
                   regime=f"tiles of >= {MIN_TILE_PX} px (32-px images with the 4x4 grid); a sample matched to a nearly "
-                         "uniform training image (a flat image of its mean colour within delta) is not judged")
+                         "uniform training image (a flat image of its mean colour within delta) is not judged",
+         label="tiled near-copies")
 _declare("adaptive_l2", "pixel",
                   lambda s, ev, cfg: adaptive_l2(ev.query, ev.cand_vecs, ev.extra["train_neighbours"][1],
                                                  cfg.adaptive_alpha, cfg.adaptive_n, ev.cand_ids),
@@ -103,7 +106,8 @@ _declare("adaptive_l2", "pixel",
                   provenance=Provenance("published", ("adaptive_alpha", "adaptive_n"), CARLINI + ", Section 5.1",
                                         "alpha = 0.5, n = 50, flagged when <= 1, as in the paper"),
                   regime="at least detectors.adaptive_min_train (1,000) training images, so that the matched image's n = 50 "
-                         "nearest are a small neighbourhood, as on CIFAR-10 in the paper")
+                         "nearest are a small neighbourhood, as on CIFAR-10 in the paper",
+         label="adaptive near-copies")
 # ------------------------------------------------------------------------------ copy scores, per descriptor
 
 #: fewer training images than this give no meaningful train->train quantile to calibrate a copy threshold on
@@ -166,4 +170,5 @@ _declare("copy", None, _copy,
                          f"{MIN_CALIBRATION} training images",
                   provenance=Provenance("calibrated", (), SOMEPALLI,
                                         resolve=lambda s, cfg, out: None if not out.applicable else
-                                        (out.threshold_source, out.info.get("threshold_detail", ""))))
+                                        (out.threshold_source, out.info.get("threshold_detail", ""))),
+         label={"pixel": "pixel copies", "sscd": "copies (SSCD descriptor)", "clip": "semantic copies", "*": "copies ({space})"})

@@ -39,7 +39,7 @@ _DETECTORS: dict[str, DetectorSpec] = {}
 def register_detector(name: str, space: str | None, fn: Callable, description: str = "",
                       overwrite: bool = False, *, citation: str = "", regime: str = "", check: Check | None = None,
                       reproduction: bool = False, provenance: Provenance | None = None,
-                      label: str | Callable[[str], str] = "") -> None:
+                      label: str | dict = "") -> None:
     """Register a detector ``fn(space_name, evidence, detectors_config) -> DetectorOutput``.
 
     Args:
@@ -51,7 +51,8 @@ def register_detector(name: str, space: str | None, fn: Callable, description: s
         reproduction: True when a flag names the training image that was reproduced.
         provenance: where its threshold comes from (:class:`Provenance`); None reports the output's own
             ``threshold_source`` (``config`` unless the detector sets it).
-        label: the plain words reports use for its metric ("near-copies"); a callable gets the space name.
+        label: the plain words reports use for its metric ("near-copies"); a detector of every feature space
+            (``space=None``) gives ``{space: words}``, with ``"*"`` as a pattern for other spaces.
     """
     add_detector(DetectorSpec(name, space, fn, description, citation, regime, check, reproduction, provenance,
                               label), overwrite=overwrite)
@@ -82,6 +83,23 @@ def _load_builtins() -> None:
 
     for spec in [*BUILTINS, *IDENTITY_DETECTORS]:
         _DETECTORS.setdefault(spec.name, spec)
+
+
+def metric_labels() -> dict[str, str]:
+    """``{metric: plain words}`` of every registered detector, in registration (reading) order."""
+    _load_builtins()
+    out: dict[str, str] = {}
+    for spec in _DETECTORS.values():
+        out.update(spec.labels())
+    return out
+
+
+def metric_label(metric: str) -> str:
+    """The plain words of one metric ("" when its detector has none or is not registered)."""
+    spec = get_detector(metric)
+    if spec is None:
+        return ""
+    return spec.words(metric[: -len(spec.name) - 1] if spec.space is None else spec.space)
 
 
 def list_detectors() -> list[str]:

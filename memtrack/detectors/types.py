@@ -150,11 +150,21 @@ class DetectorSpec:
     check: Check | None = None   # the reason the evidence is outside the regime, or None
     reproduction: bool = False   # a flag names the training image it reproduces
     provenance: Provenance | None = None  # where its threshold comes from (None: the caller's, "config")
-    label: str | Callable[[str], str] = ""  # plain words for reports; a callable gets the space name
+    label: str | dict = ""  # plain words for reports; for space=None detectors {space: words, "*": "... {space}"}
 
     def metric(self, space: str) -> str:
         return self.name if self.space is not None else f"{space}_{self.name}"
 
     def words(self, space: str) -> str:
         """The plain-words name of this detector's metric in ``space`` ("" when it has none)."""
-        return self.label(space) if callable(self.label) else self.label
+        if isinstance(self.label, dict):
+            return self.label.get(space) or self.label.get("*", "").format(space=space)
+        return self.label
+
+    def labels(self) -> dict[str, str]:
+        """``{metric: words}`` this detector names, in reading order (a feature-space detector: per known space)."""
+        if self.space is not None:
+            return {self.name: self.label} if self.label else {}
+        if isinstance(self.label, dict):
+            return {self.metric(s): w for s, w in self.label.items() if s != "*"}
+        return {}

@@ -68,6 +68,11 @@ class Embedder(ABC):
     #: the space groups its training vectors into identities (faces): the index stores identities and a
     #: calibrated verification threshold for it
     identities: ClassVar[bool] = False
+    #: its vectors are the image's own pixels in [0, 255]: stored exactly as uint8, reshaped to images by
+    #: the pixel detectors (:attr:`pixel_shape`), and the exact-search and train->train lists are built for it
+    pixel_space: ClassVar[bool] = False
+    #: what the index's baseline (each training vector's distance to its nearest other) measures, in words
+    baseline_statistic: ClassVar[str] = ""
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -78,6 +83,25 @@ class Embedder(ABC):
 
     @abstractmethod
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of the image a vector is (pixel spaces), else None."""
+        if not self.pixel_space:
+            return None
+        res = int(self.options.resolution)
+        return (3, res, res)
+
+    @property
+    def storage(self) -> tuple[float, str]:
+        """``(divisor, dtype)`` of the stored vectors: pixel spaces keep exact uint8 pixels."""
+        return (255.0, "uint8") if self.pixel_space else (1.0, "float32")
+
+    def baseline_words(self) -> str:
+        """What the index's baseline for this space measures (the manifest and the report say it)."""
+        if self.baseline_statistic:
+            return self.baseline_statistic
+        return "cosine to nearest other" if self.metric == "cosine" else "distance to nearest other"
 
     def embed_reference(self, images: Sequence[Image.Image]) -> ReferenceVectors:
         """The vectors a training image is indexed under, with the image each came from.

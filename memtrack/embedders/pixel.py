@@ -140,6 +140,8 @@ def crop_offsets(long: int, size: int, stride: int) -> list[int]:
 class PixelEmbedder(Embedder):
     name = "pixel"
     metric = "l2"
+    pixel_space = True
+    baseline_statistic = "RMS pixel distance to nearest other"
     Options = PixelOptions
 
     @property

@@ -166,9 +166,11 @@ def _declare(*args, **kwargs) -> None:
 _declare("identity_leak", "face", _leak,
                   "a generated face within the verification threshold of a training identity it clearly belongs to",
                   citation=LEAK_CITE, provenance=Provenance("published", (), LEAK_CITE, resolve=_leak_source),
-                  regime="generated faces found by the face detector; calibration needs >= 10 labelled identities")
+                  regime="generated faces found by the face detector; calibration needs >= 10 labelled identities",
+         label="identity leakage")
 _declare("identity_interpolation", "face", _interpolation,
                   "a generated face accepted as two training identities, dominated by neither (d1/d2 > r)",
                   citation=INTERP_CITE,
                   provenance=Provenance("memtrack", ("identity_ratio",), INTERP_CITE, resolve=_interp_detail),
-                  regime="generated faces found by the face detector, two or more training identities")
+                  regime="generated faces found by the face detector, two or more training identities",
+         label="identity blending")

@@ -174,7 +174,7 @@ class ReferenceIndex:
                 # 3-5. index, baseline, identities
                 space = write_space(tmp, emb, stored, rows, records, config)
                 spaces_meta[emb.name] = space["meta"]
-                baseline_meta[emb.name] = baseline_record(emb.name, emb.metric, space["baseline"])
+                baseline_meta[emb.name] = baseline_record(emb, space["baseline"])
                 baseline_meta.update(space["extra_baselines"])
                 identity_block = space["identity"] or identity_block
                 del stored

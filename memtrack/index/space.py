@@ -38,7 +38,7 @@ def make_faiss_index(metric: str, dim: int, n: int, index_type: str = "flat", me
 
 def space_storage(emb: Embedder) -> tuple[float, str]:
     """(divisor, dtype) of a space's stored vectors: the pixel space keeps exact uint8 pixels."""
-    return (255.0, "uint8") if emb.metric == "l2" and emb.name == "pixel" else (1.0, "float32")
+    return emb.storage
 
 
 def is_pixel_space(emb: Embedder) -> bool:
@@ -204,10 +204,8 @@ def tiled_baseline_meta(tiled: tuple, keep: int, values: np.ndarray) -> dict:
                          f"image among its {keep} pixel-nearest", "grid": grid, **summarise(values)}
 
 
-def baseline_record(emb_name: str, metric: str, base: np.ndarray) -> dict:
-    stat = ("cosine to nearest other" if metric == "cosine" else "RMS pixel distance to nearest other"
-            if emb_name == "pixel" else "distance to nearest other")
-    return {"statistic": stat, **summarise(base)}
+def baseline_record(emb: Embedder, base: np.ndarray) -> dict:
+    return {"statistic": emb.baseline_words(), **summarise(base)}
 
 
 def embed_in_memory(emb, records, config):

@@ -52,7 +52,7 @@ def add_to_index(ref, data: Dataset | Sequence[Record], embedders: Sequence, con
         for emb in embedders:
             meta, base, failed, identity, extra = _add_space(ref, emb, new, records, config, tmp)
             manifest["spaces"][emb.name] = meta
-            manifest["baseline"][emb.name] = spaces.baseline_record(emb.name, emb.metric, base)
+            manifest["baseline"][emb.name] = spaces.baseline_record(emb, base)
             manifest["baseline"].update(extra)
             if identity is not None:
                 manifest["identity"] = identity

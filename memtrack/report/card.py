@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from memtrack.utils import get_logger
-from memtrack.report.text import COUNT_LABELS, METRIC_LABELS
+from memtrack.report.text import COUNT_LABELS, metric_labels
 
 logger = get_logger(__name__)
 
@@ -52,7 +52,7 @@ def run_detectors(summary: dict) -> list[str]:
         for name, block in (cp.get("metrics") or {}).items():
             if isinstance(block, dict) and ("rate" in block or "applicable" in block) and name not in COUNT_LABELS:
                 seen.add(name)
-    known = [m for m in METRIC_LABELS if m in seen]
+    known = [m for m in metric_labels() if m in seen]
     return known + sorted(seen - set(known))
 
 

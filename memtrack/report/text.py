@@ -8,27 +8,26 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-# Known metrics in reading order, with the plain-words name a reader would use.
-METRIC_LABELS: dict[str, str] = {
-    "nn_ratio": "near-copies",
-    "nn_ratio_dedup": "near-copies of duplicated images",
-    "tiled_l2": "tiled near-copies",
-    "adaptive_l2": "adaptive near-copies",
-    "pixel_copy": "pixel copies",
-    "sscd_copy": "copies (SSCD descriptor)",
-    "clip_copy": "semantic copies",
-    "identity_leak": "identity leakage",
-    "identity_interpolation": "identity blending",
-}
 COUNT_LABELS: dict[str, str] = {
     "distinct_train_images": "distinct training images reproduced",
     "distinct_identities": "distinct identities reproduced",
 }
 
 
+def metric_labels() -> dict[str, str]:
+    """``{metric: plain words}`` in reading order: each detector's own label, from its registry entry."""
+    from memtrack.detectors.registry import metric_labels as registered
+
+    return registered()
+
+
 def label(metric: str) -> str:
-    """``"near-copies (nn_ratio)"``; an unknown metric is named by itself."""
-    words = METRIC_LABELS.get(metric) or COUNT_LABELS.get(metric)
+    """``"near-copies (nn_ratio)"``; a metric without a label is named by itself."""
+    words = COUNT_LABELS.get(metric) or metric_labels().get(metric)
+    if not words:
+        from memtrack.detectors.registry import metric_label
+
+        words = metric_label(metric)
     return f"{words} ({metric})" if words else metric
 
 
@@ -78,7 +77,7 @@ def rate_metrics(summaries: Iterable[dict]) -> list[str]:
     for s in summaries:
         for cp in s.get("checkpoints") or []:
             seen.update(m for m, b in (cp.get("metrics") or {}).items() if isinstance(b, dict) and "rate" in b)
-    known = [m for m in METRIC_LABELS if m in seen]
+    known = [m for m in metric_labels() if m in seen]
     return known + sorted(seen - set(known))
 
 
@@ -228,7 +227,7 @@ def transient_sentences(summary: dict, metrics: list[str]) -> list[str]:
 
 
 def _order(metric: str) -> tuple[int, str]:
-    keys = list(METRIC_LABELS)
+    keys = list(metric_labels())
     return (keys.index(metric) if metric in keys else len(keys), metric)
 
 

@@ -206,7 +206,7 @@ class Tracker:
                 query = np.asarray(emb.embed(list(images)), dtype=np.float32)
                 # k training images may have several vectors each (views): ask for k * views vectors
                 _, ids = self.index.search(emb.name, query, self._k(emb.name) * space.views)
-                shape = (3, emb.options.resolution, emb.options.resolution) if emb.name == "pixel" else None
+                shape = emb.pixel_shape
                 extra = {"train_neighbours": self.index.train_neighbours(emb.name)} if shape else \
                     self._feature_extra(emb)
                 evidence[emb.name] = SpaceEvidence(space.metric, query, self.index.record_rows(emb.name, ids),
