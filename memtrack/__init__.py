@@ -11,7 +11,8 @@ _LAZY = {"Tracker": "memtrack.scan.tracker", "ReferenceIndex": "memtrack.index.r
          "load_config": "memtrack.config", "Config": "memtrack.config", "discover": "memtrack.sampling.checkpoints",
          "read_dataset": "memtrack.data.dataset", "get_embedder": "memtrack.embedders.registry",
          "register_embedder": "memtrack.embedders.registry", "register_detector": "memtrack.detectors.registry",
-         "write_report": "memtrack.report.write", "MemtrackError": "memtrack.errors"}
+         "write_report": "memtrack.report.write",
+         "register_pipeline_builder": "memtrack.sampling.registry", "get_pipeline_builder": "memtrack.sampling.registry", "MemtrackError": "memtrack.errors"}
 
 
 def __getattr__(name):

@@ -155,7 +155,8 @@ def sampling(device: str, dtype: str):
         if device != "cpu":
             need_gpus(int(device.partition(":")[2] or 0) + 1)
         from memtrack.sampling.checkpoints import discover
-        from memtrack.sampling.unconditional import SamplePlan, load_pipeline, sample, to_uint8
+        from memtrack.sampling.unconditional import SamplePlan, to_uint8
+        from memtrack.sampling.registry import load_pipeline, sample
         from memtrack.scan.tracker import Tracker
 
         cfg = _cfg(**{"sampling.device": device, "sampling.dtype": dtype})

@@ -140,8 +140,10 @@ def memorized(tmp_path_factory):
 @pytest.fixture()
 def copycat_sampling(monkeypatch):
     """Copycat checkpoints sample as copycats in this process, through memtrack's own builder registry."""
-    import memtrack.sampling.unconditional as sampling
     from memorizing import copycat_builder
+    from memtrack.sampling.registry import get_pipeline_builder, register_pipeline_builder, scheduler_source
 
-    # the registry has no public "get": read the built-in builder so that other checkpoints still load
-    monkeypatch.setitem(sampling._BUILDERS, "unet", copycat_builder(sampling._BUILDERS["unet"]))
+    builtin, scheduler = get_pipeline_builder("unet"), scheduler_source("unet")
+    register_pipeline_builder("unet", copycat_builder(builtin), scheduler=scheduler, overwrite=True)
+    yield
+    register_pipeline_builder("unet", builtin, scheduler=scheduler, overwrite=True)

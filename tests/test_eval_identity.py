@@ -185,7 +185,8 @@ def test_a_scheduler_folder_that_appears_re_evaluates_when_it_changes_the_sample
 
 
 def test_the_planned_scheduler_is_the_one_that_samples(tiny_run):
-    from memtrack.sampling.unconditional import load_pipeline, planned_scheduler, scheduler_identity
+    from memtrack.sampling.unconditional import scheduler_identity
+    from memtrack.sampling.registry import load_pipeline, planned_scheduler
 
     cfg = _cfg().sampling
     for ck in discover(tiny_run):

@@ -508,7 +508,7 @@ def test_text_to_image_and_dreambooth_checkpoints(tmp_path, pixel_index, tiny_sd
     assert _hashes(tracker, cks[0]) != _hashes(tracker, cks[1])   # the checkpoint's own UNet was used
     trained = _hashes(tracker, cks[0])
     # the text encoder saved with the checkpoint is the one that samples: memtrack's pipeline holds its weights
-    from memtrack.sampling.unconditional import load_pipeline
+    from memtrack.sampling.registry import load_pipeline
 
     saved = CLIPTextModel.from_pretrained(ck_dir / "text_encoder").state_dict()
     used = load_pipeline(cks[0], tracker.config.sampling, run).text_encoder.state_dict()
@@ -575,7 +575,7 @@ def test_lora_checkpoint_loads_on_the_base_and_unloads(tmp_path, pixel_index, ti
     assert _hashes(tracker, cks["checkpoint-40"]) == first   # same LoRA after another checkpoint: unloaded
     base = load_config(None, {**T2I}).sampling
     from memtrack.sampling.checkpoints import inspect
-    from memtrack.sampling.unconditional import sample
+    from memtrack.sampling.registry import sample
 
     plain = sample(inspect(run / "base-copy", 0, "final"), tracker.plan, base)
     assert plain.hashes() != first                        # the LoRA changed the samples

@@ -11,7 +11,8 @@ from conftest import write_checkpoint
 from memtrack.sampling.checkpoints import discover
 from memtrack.cli.main import main
 from memtrack.config import Config
-from memtrack.sampling.unconditional import SamplePlan, load_pipeline, sample
+from memtrack.sampling.unconditional import SamplePlan
+from memtrack.sampling.registry import load_pipeline, sample
 from memtrack.store.run_store import RunStore
 from memtrack.scan.tracker import Tracker
 

@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 from memtrack.sampling.checkpoints import CONDITIONAL_UNETS, LIVE, Checkpoint
 from memtrack.config import SamplingConfig
 from memtrack.errors import CheckpointError, ConfigError, DependencyError
-from memtrack.sampling.unconditional import torch_dtype_of, build_scheduler, load_unet, register_pipeline_builder
+from memtrack.sampling.unconditional import build_scheduler, load_unet, torch_dtype_of
 from memtrack.utils import get_logger
 
 logger = get_logger(__name__)
@@ -186,7 +186,7 @@ def load_text_encoder(folder: Path, dtype: str = "float32"):
 # ------------------------------------------------------------------------------------------ builders
 
 
-def _build_t2i_unet(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
+def build_t2i_unet(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     base = base_pipeline(cfg)
     swap = {"unet": load_unet(ck.weights, cfg.dtype).to(cfg.device)}
     if ck.text_encoder is not None:
@@ -194,13 +194,13 @@ def _build_t2i_unet(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     return _derive(base, cfg, **swap)
 
 
-def _build_t2i_pipeline(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
+def build_t2i_pipeline(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     pipe = _load_pipeline_folder(ck.path, cfg)
     pipe.scheduler = _scheduler(cfg, pipe.scheduler)
     return pipe
 
 
-def _build_lora(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
+def build_lora(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     from diffusers.utils import USE_PEFT_BACKEND
 
     if not USE_PEFT_BACKEND:
@@ -242,7 +242,7 @@ def saved_pipeline_scheduler(name: str | Path, cfg: SamplingConfig):
     return _scheduler(cfg, cls.from_config(saved))
 
 
-def _base_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
+def base_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     """The base pipeline's sampler: the loaded one when it is cached, else read from its config files."""
     if not cfg.pretrained_model:
         base_pipeline(cfg)  # raises the ConfigError that names sampling.pretrained_model
@@ -252,13 +252,10 @@ def _base_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     return saved_pipeline_scheduler(cfg.pretrained_model, cfg)
 
 
-def _own_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
+def own_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     return saved_pipeline_scheduler(ck.path, cfg)
 
 
-register_pipeline_builder("t2i_unet", _build_t2i_unet, scheduler=_base_scheduler)
-register_pipeline_builder("t2i_pipeline", _build_t2i_pipeline, scheduler=_own_scheduler)
-register_pipeline_builder("lora", _build_lora, scheduler=_base_scheduler)
 
 
 # --------------------------------------------------------------------------------------- live models

@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -146,36 +146,6 @@ def _saved_scheduler(run_dir: Path | None) -> dict | None:
 
 # ------------------------------------------------------------------------------------------ builders
 
-PipelineBuilder = Callable[[Checkpoint, SamplingConfig, Optional[Path]], object]
-#: ``(checkpoint, sampling_config, run_dir) -> scheduler``, built from config files alone (no weights)
-SchedulerSource = Callable[[Checkpoint, SamplingConfig, Optional[Path]], object]
-_BUILDERS: dict[str, PipelineBuilder] = {}
-_SCHEDULERS: dict[str, SchedulerSource] = {}
-
-
-def register_pipeline_builder(kind: str, builder: PipelineBuilder, *, scheduler: SchedulerSource | None = None,
-                              overwrite: bool = False) -> None:
-    """Register ``builder(checkpoint, sampling_config, run_dir) -> pipeline`` for a checkpoint kind.
-
-    ``scheduler`` returns the scheduler ``builder`` will sample with, built from configs only: it is part
-    of the evaluation key, computed before the store is asked whether the checkpoint is already done, so
-    it must not load a model. Without it, the kind is taken to sample with :func:`build_scheduler`'s.
-    """
-    if kind in _BUILDERS and not overwrite:
-        raise ValueError(f"a pipeline builder for {kind!r} is already registered")
-    _BUILDERS[kind] = builder
-    if scheduler is not None:
-        _SCHEDULERS[kind] = scheduler
-    else:
-        _SCHEDULERS.pop(kind, None)
-
-
-def planned_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None = None):
-    """The scheduler checkpoint ``ck`` will be sampled with, from config files alone (cheap: no weights)."""
-    source = _SCHEDULERS.get(ck.kind)
-    return source(ck, cfg, run_dir) if source is not None else build_scheduler(cfg, run_dir)
-
-
 def scheduler_identity(scheduler) -> dict:
     """``{"class", "config"}``: what sampling with ``scheduler`` depends on.
 
@@ -296,7 +266,7 @@ def _refuse_pickled_code(folder: Path) -> None:
                                   hint="the checkpoint may be half-written or corrupt") from None
 
 
-def _build_unconditional(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
+def build_unconditional(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     import diffusers
 
     unet = load_unet(ck.weights, cfg.dtype)
@@ -310,23 +280,8 @@ def _build_unconditional(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | No
     return pipe.to(cfg.device)
 
 
-def _unconditional_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
+def unconditional_scheduler(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None):
     return build_scheduler(cfg, run_dir)
-
-
-register_pipeline_builder("unet", _build_unconditional, scheduler=_unconditional_scheduler)
-register_pipeline_builder("pipeline", _build_unconditional, scheduler=_unconditional_scheduler)
-
-
-def load_pipeline(ck: Checkpoint, cfg: SamplingConfig, run_dir: Path | None = None):
-    """Rebuild the pipeline that samples checkpoint ``ck``."""
-    kind = ck.kind
-    if kind not in _BUILDERS:
-        raise CheckpointError(f"{ck.path}: no pipeline builder for checkpoint kind {kind!r}",
-                              hint=f"known kinds: {', '.join(sorted(_BUILDERS))}")
-    if not ck.weights.exists():
-        raise CheckpointError(f"checkpoint {ck.path} vanished before it could be loaded")
-    return _BUILDERS[kind](ck, cfg, run_dir)
 
 
 # ------------------------------------------------------------------------------------------- drawing
@@ -354,15 +309,6 @@ def draw(pipeline, items: Sequence[SampleItem], cfg: SamplingConfig, *, desc: st
         bar.update(len(batch))
     bar.close()
     return images
-
-
-def sample(ck: Checkpoint, plan: SamplePlan, cfg: SamplingConfig, run_dir: Path | None = None,
-           items: Sequence[SampleItem] | None = None, pipeline=None) -> Samples:
-    """Draw ``items`` (default: the whole plan) from checkpoint ``ck``."""
-    items = list(items if items is not None else plan.items())
-    pipe = pipeline if pipeline is not None else load_pipeline(ck, cfg, run_dir)
-    images = draw(pipe, items, cfg, desc=f"sampling {ck.name}")
-    return Samples(images, items)
 
 
 def to_uint8(images: Sequence[Image.Image]) -> list[np.ndarray]:

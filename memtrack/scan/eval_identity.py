@@ -96,7 +96,8 @@ def config_series(config: Config, index, run_dir: str | Path | None, checkpoints
     The scheduler of each is the one its pipeline builder plans (from config files, no weights), so a
     report can find the series a config produces without sampling anything.
     """
-    from memtrack.sampling.unconditional import SamplePlan, planned_scheduler, scheduler_identity
+    from memtrack.sampling.unconditional import SamplePlan, scheduler_identity
+    from memtrack.sampling.registry import planned_scheduler
     from memtrack.sampling.text_to_image import prompts_for
 
     plan = SamplePlan.from_config(config.sampling, prompts_for(config.sampling, index))

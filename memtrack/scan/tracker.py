@@ -31,9 +31,9 @@ from memtrack.identity.space import face_evidence  # also registers the identity
 from memtrack.index.reference import ReferenceIndex
 from memtrack.detectors.metrics import aggregate, per_sample_rows
 from memtrack.scan.eval_identity import eval_key, series_identity, series_key, source_of
-from memtrack.sampling.unconditional import (SamplePlan, Samples, load_pipeline, planned_scheduler, sample, scheduler_identity,
-                       used_scheduler)
-from memtrack.sampling.text_to_image import live_checkpoint, pipeline_for_models, prompts_for  # also registers the t2i builders
+from memtrack.sampling.unconditional import SamplePlan, Samples, scheduler_identity, used_scheduler
+from memtrack.sampling.registry import load_pipeline, planned_scheduler, sample
+from memtrack.sampling.text_to_image import live_checkpoint, pipeline_for_models, prompts_for
 from memtrack.store.run_store import RunStore
 from memtrack.scan.probes import make_loss_gap_probe, run_probes
 from memtrack.utils import atomic_write_bytes, get_logger
