@@ -333,14 +333,8 @@ def flat_distance(images: np.ndarray, grid: int = 4) -> np.ndarray:
     """``[n]`` the tiled distance from each image to the flat image of its own mean colour: how far a
     featureless image (what an early, blurry sample looks like) would be from it."""
     x = np.asarray(images, np.float64)
-    flat = x.mean(axis=(-2, -1), keepdims=True)
-    h, w = x.shape[-2:]
-    out = np.zeros(len(x))
-    for y0, y1 in _tile_bounds(h, grid):
-        for x0, x1 in _tile_bounds(w, grid):
-            rms = np.sqrt(((x[..., y0:y1, x0:x1] - flat) ** 2).mean(axis=(-3, -2, -1)))
-            np.maximum(out, rms, out=out)
-    return out
+    flat = np.broadcast_to(x.mean(axis=(-2, -1), keepdims=True), x.shape)
+    return tiled_distances(flat, x[:, None], grid)[:, 0]
 
 
 TOO_FLAT = ("the matched training image is nearly uniform: a flat image of its mean colour is within the threshold, "

@@ -107,3 +107,10 @@ def test_nn_ratio_and_tiled_l2_scores_equal_the_definitions(blocks):
     tiled = tiled_l2(q, c)
     np.testing.assert_allclose(tiled.score, ref_tiled(q, c, 4).min(axis=1), rtol=1e-12, atol=0)
     assert (tiled.score[::3] == 0.0).all()
+
+
+def test_flat_distance_is_the_tiled_distance_to_the_mean_colour():
+    x = np.random.default_rng(4).random((6, 3, 12, 12))
+    flat = np.broadcast_to(x.mean(axis=(2, 3), keepdims=True), x.shape)
+    np.testing.assert_allclose(detectors.flat_distance(x), ref_tiled(flat, x[:, None], 4)[:, 0], rtol=1e-12)
+    assert detectors.flat_distance(np.full((1, 3, 8, 8), 0.25))[0] == 0.0
