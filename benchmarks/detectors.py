@@ -69,7 +69,7 @@ def timed(fn, *args, repeats: int = 1):
 
 def read_once(c: np.ndarray) -> np.ndarray:
     """Read every candidate value once: the memory-bandwidth limit of any detector on these candidates."""
-    return np.add.reduce(c.reshape(-1, c.shape[-1]), axis=0)
+    return np.add.reduce(c.reshape(c.shape[0] * c.shape[1], -1), axis=0)  # rows of one candidate each
 
 
 def main() -> None:
