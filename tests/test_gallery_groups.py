@@ -111,5 +111,7 @@ def test_report_of_a_copying_run_shows_each_copied_image_once_with_all_its_seeds
     shown = re.findall(r"training: <code>(.*?)</code>", body)
     # once each; an image appears only if one of its copies is among some checkpoint's top_matches (8)
     assert len(shown) == len(set(shown)) >= 4 and set(shown) <= set(copied)
-    for tid, seeds in re.findall(r"training: <code>(.*?)</code>.*?seeds?</strong> \(([\d, ]+)\)", body, re.S):
+    cards = re.findall(r"training: <code>(.*?)</code>.*?seeds?</strong> \(([\d, ]+)\)", body, re.S)
+    assert len(cards) == len(shown)
+    for tid, seeds in cards:
         assert [int(s) for s in seeds.split(", ")] == copied[tid], tid
