@@ -202,9 +202,16 @@ def _baseline_block(index: ReferenceIndex) -> dict:
     return out
 
 
-def build_gallery(store: RunStore, summary: dict, index: ReferenceIndex | None, max_items: int = 12) -> list[dict]:
-    """The strongest matches of the run (latest checkpoints first), with sample and training images."""
-    items, seen = [], set()
+def build_gallery(store: RunStore, summary: dict, index: ReferenceIndex | None, max_images: int = 12,
+                  per_image: int = 5) -> list[dict]:
+    """The strongest matches of the run (latest checkpoints first), with sample and training images.
+
+    At most ``per_image`` items (one per seed) for each of at most ``max_images`` training images (a blend
+    counts as its first image), so that a run whose seeds all copy one image still shows the others; the
+    report groups the items by training image (:func:`memtrack.report.html_gallery.group_matches`).
+    """
+    items, seen, per = [], set(), {}
+    pngs: dict = {}
     key = (summary.get("series") or {}).get("key")
     evals = {e.checkpoint: e for e in store.evaluations(series=key)} if key else {}
     for ck in sorted(summary["checkpoints"], key=lambda c: -c["step"]):
@@ -213,10 +220,11 @@ def build_gallery(store: RunStore, summary: dict, index: ReferenceIndex | None, 
             continue
         samples = {s["sample"]: s for s in store.samples(ev.id)}
         for m in ck.get("top_matches", []):
-            key = (m["seed"], m.get("train_id"))
-            if key in seen or len(items) >= max_items:
+            tid = m.get("train_id")
+            full = tid not in per and len(per) >= max_images
+            if (m["seed"], tid) in seen or full or per.get(tid, 0) >= per_image:
                 continue
-            seen.add(key)
+            seen.add((m["seed"], tid))
             s = samples.get(m.get("sample", -1))
             if s is None or not s.get("thumb"):
                 continue
@@ -224,18 +232,30 @@ def build_gallery(store: RunStore, summary: dict, index: ReferenceIndex | None, 
                 sample_png = (store.folder / s["thumb"]).read_bytes()
             except OSError:
                 continue
-            rec = _record(index, m.get("train_row"), m.get("train_id"))
-            blend = None
-            if m.get("train_row_b") is not None:
-                rec_b = _record(index, m["train_row_b"], m.get("train_id_b"))
-                blend = {"a_png": _train_png(rec), "b_png": _train_png(rec_b),
-                         "a": m.get("identity_a") or m.get("train_id"), "b": m.get("identity_b") or m.get("train_id_b")}
-            items.append({"step": ck["step"], "seed": m["seed"], "detector": m["detector"], "score": m["score"],
-                          "threshold": m.get("threshold"), "direction": m.get("direction"),
-                          "sample_png": sample_png, "train_png": _train_png(rec), "train_id": m.get("train_id"),
-                          "caption": rec.caption if rec else None,
-                          "identity": m.get("identity") or (rec.identity if rec else None), "blend": blend})
+            per[tid] = per.get(tid, 0) + 1
+            items.append(_gallery_item(ck["step"], m, sample_png, index, pngs))
     return items
+
+
+def _gallery_item(step: int, m: dict, sample_png: bytes, index: ReferenceIndex | None, pngs: dict) -> dict:
+    """One gallery item; ``pngs`` caches the training thumbnails by (row, id), encoded once per image."""
+    def train_png(rec):
+        key = (rec.id, rec.path) if rec is not None else None
+        if key not in pngs:
+            pngs[key] = _train_png(rec)
+        return pngs[key]
+
+    rec = _record(index, m.get("train_row"), m.get("train_id"))
+    blend = None
+    if m.get("train_row_b") is not None:
+        rec_b = _record(index, m["train_row_b"], m.get("train_id_b"))
+        blend = {"a_png": train_png(rec), "b_png": train_png(rec_b),
+                 "a": m.get("identity_a") or m.get("train_id"), "b": m.get("identity_b") or m.get("train_id_b")}
+    return {"step": step, "seed": m["seed"], "detector": m["detector"], "score": m["score"],
+            "threshold": m.get("threshold"), "direction": m.get("direction"),
+            "sample_png": sample_png, "train_png": train_png(rec), "train_id": m.get("train_id"),
+            "caption": rec.caption if rec else None,
+            "identity": m.get("identity") or (rec.identity if rec else None), "blend": blend}
 
 
 def _record(index: ReferenceIndex | None, row, train_id=None):
