@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from memtrack import detectors
+from memtrack.detectors import core as detectors
 from memtrack.detectors.core import _tile_bounds, exact_rms_distances, nn_ratio, tiled_distances, tiled_l2
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import re
 
-from memtrack.cli import main
+from memtrack.cli.main import main
 from memtrack.report.html import render_html
 from memtrack.report.html_gallery import group_matches, margin, reproductions
 from report_samples import make_summary, png
