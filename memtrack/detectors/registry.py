@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -69,15 +70,9 @@ def add_detector(spec: DetectorSpec, *, overwrite: bool = False) -> None:
     _DETECTORS[name] = spec
 
 
-_BUILTINS_LOADED = False
-
-
+@functools.cache  # once: the built-ins register no more than once however often this is asked
 def _load_builtins() -> None:
     """Register every built-in detector: the pixel and copy tests, and the identity tests."""
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
     from memtrack.detectors.builtins import BUILTINS
     from memtrack.identity.space import IDENTITY_DETECTORS
 

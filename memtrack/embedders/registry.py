@@ -11,6 +11,7 @@ Names are stored in indexes and run stores, so they must be lowercase identifier
 """
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from typing import Any
@@ -64,14 +65,8 @@ def embedder_class(name: str) -> type[Embedder]:
     return _REGISTRY[name]
 
 
-_BUILTINS_LOADED = False
-
-
+@functools.cache  # once: the built-ins register no more than once however often this is asked
 def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
     # Each module imports its heavy dependencies (torch, open_clip, dlib) only when an embedder is built.
     from memtrack.embedders.clip import ClipEmbedder
     from memtrack.embedders import face_backends  # noqa: F401  (registers the ArcFace and FaceNet recognisers)

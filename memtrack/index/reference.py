@@ -47,7 +47,7 @@ from memtrack.embedders.registry import Embedder, fingerprint_diff
 from memtrack.errors import DataError, FingerprintMismatch, IndexError_
 from memtrack.index.content_hash import content_hash
 from memtrack.index.files import replace_dir, write_records
-from memtrack.index.space import baseline_record, embed_in_memory, prepare_vectors, space_storage, write_space
+from memtrack.index.space import baseline_record, embed_in_memory, prepare_vectors, write_space
 from memtrack.utils import atomic_write_json, get_logger
 
 logger = get_logger(__name__)
@@ -160,7 +160,7 @@ class ReferenceIndex:
                 # 2. the space's vectors: from the shards, or embedded here
                 if sharded:
                     stored, rows = sh.collect(folder, plan, emb.name, tmp / f"{emb.name}.vectors.npy",
-                                              space_storage(emb)[1], emb.dim)
+                                              emb.storage[1], emb.dim)
                     failed = sh.failed_records(folder, plan)
                 else:
                     stored, rows, failed = embed_in_memory(emb, records, config)

@@ -36,16 +36,6 @@ def make_faiss_index(metric: str, dim: int, n: int, index_type: str = "flat", me
 # -------------------------------------------------------------------------------------------- build
 
 
-def space_storage(emb: Embedder) -> tuple[float, str]:
-    """(divisor, dtype) of a space's stored vectors: the pixel space keeps exact uint8 pixels."""
-    return emb.storage
-
-
-def is_pixel_space(emb: Embedder) -> bool:
-    """The space of raw pixels, where nn_ratio, tiled_l2 and adaptive_l2 are defined (exact uint8 storage)."""
-    return space_storage(emb)[1] == "uint8"
-
-
 def views_of(rows: np.ndarray) -> int:
     """The most vectors one training record has (mirrored views, crop offsets, faces); at least 1. A search
     asks for k * views vectors so that k distinct training images come back."""
@@ -55,7 +45,7 @@ def views_of(rows: np.ndarray) -> int:
 
 def second_neighbour_check(emb: Embedder, fetch, rows: np.ndarray, icfg, views: int):
     """The 2nd-neighbour recall check of a pixel space (None for other spaces), at the scan's k."""
-    if not is_pixel_space(emb) or len(rows) < 3:
+    if not emb.pixel_space or len(rows) < 3:
         return None
     from memtrack.index.recall import SecondNeighbour
 
@@ -63,7 +53,7 @@ def second_neighbour_check(emb: Embedder, fetch, rows: np.ndarray, icfg, views: 
 
 
 def _to_stored(emb: Embedder, vec: np.ndarray) -> np.ndarray:
-    divisor, dtype = space_storage(emb)
+    divisor, dtype = emb.storage
     if dtype == "uint8":
         return np.rint(vec * 255.0).clip(0, 255).astype(np.uint8)
     return vec.astype(np.float32)
@@ -73,7 +63,7 @@ def tiled_spec(emb: Embedder, config: Config, grid: int | None = None) -> tuple 
     """``(image shape, grid)`` for the tiled train->train baseline of a pixel space (None otherwise)."""
     res = getattr(emb.options, "resolution", None)
     grid = config.detectors.tiled_grid if grid is None else grid
-    if not is_pixel_space(emb) or res is None or grid > res:
+    if not emb.pixel_space or res is None or grid > res:
         return None
     return (3, int(res), int(res)), int(grid)
 
@@ -138,22 +128,22 @@ def write_space(tmp: Path, emb: Embedder, stored, rows: np.ndarray, records: Seq
                  config: Config) -> dict:
     """Index, tune, baseline and save one space into ``tmp``; returns its manifest entry + baseline."""
     icfg = config.index
-    divisor, dtype = space_storage(emb)
+    divisor, dtype = emb.storage
     # 1. choose, train and fill the faiss index (on-disk inverted lists when over the memory budget)
     built = fx.build_faiss(tmp, emb.name, emb.metric, emb.dim, stored, lambda x: prepare_vectors(emb.metric, x, divisor),
-                           icfg, exact=is_pixel_space(emb))
+                           icfg, exact=emb.pixel_space)
     fetch = lambda ids: prepare_vectors(emb.metric, stored[np.asarray(ids)], divisor)  # noqa: E731
     # 2. search parameters tuned to the recall target, recall measured against exact search -- for the
     #    pixel space also the recall of the 2nd nearest training image of generated-like queries
     views = 1 if emb.identities else views_of(rows)
     second = None if built.choice.kind == "flat" else second_neighbour_check(emb, fetch, rows, icfg, views)
     recall = fx.tune_built(built, emb.metric, fetch, len(stored), icfg, second)
-    if is_pixel_space(emb) and recall.recall_2nd is None:
+    if emb.pixel_space and recall.recall_2nd is None:
         recall.recall_2nd = 1.0  # exact search: the 2nd neighbour is never missed
     searcher = Searcher(built.index, emb.metric, fetch, recall.rerank)
     # 3. the train->train baseline (nearest other *record*); for the pixel space also every record's
     #    index.baseline_k nearest other records and the tiled baseline
-    pixel = is_pixel_space(emb)
+    pixel = emb.pixel_space
     keep = int(icfg.baseline_k) if pixel else 1
     tiled = tiled_spec(emb, config)
     tn = _baseline(emb.metric, stored, divisor, searcher, 1, rms=pixel, rows=rows, keep=keep, lists=pixel,

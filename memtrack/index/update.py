@@ -138,7 +138,7 @@ def _add_space(ref, emb, new: Sequence[Record], records: list[Record], config: C
     views = 1 if emb.identities else spaces.views_of(all_rows)
     second = None if kind == "flat" else spaces.second_neighbour_check(emb, fetch, all_rows, config.index, views)
     recall = fx.remeasure(index, kind, sp.info, sp.metric, fetch, len(stored), config.index, second)
-    if spaces.is_pixel_space(emb) and recall.recall_2nd is None:
+    if emb.pixel_space and recall.recall_2nd is None:
         recall.recall_2nd = 1.0
     searcher = spaces.Searcher(index, sp.metric, fetch, recall.rerank)
     # 5. baseline (and the pixel space's neighbour lists): new vectors against all; old vectors against the
@@ -193,7 +193,7 @@ def _updated_baseline(ref, emb, sp, stored, m_old: int, searcher, all_rows: np.n
     """The train->train statistics after the add: new vectors against all; old vectors against the new ones
     (the nearest other record may be new) -- exact, never a rebuild. Returns ``(baseline per vector,
     (neighbour rows, distances, tiled baseline) per record or None)``."""
-    pixel = spaces.is_pixel_space(emb)
+    pixel = emb.pixel_space
     keep = int((sp.info.get("train_neighbours") or {}).get("k", config.index.baseline_k)) if pixel else 1
     tiled = spaces.tiled_spec(emb, config, _tiled_grid(ref, emb.name))
     rms, m, views = pixel, len(stored), spaces.views_of(all_rows)

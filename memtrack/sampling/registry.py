@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -70,14 +71,8 @@ def pipeline_kinds() -> list[str]:
     return sorted(_BUILDERS)
 
 
-_BUILTINS_LOADED = False
-
-
+@functools.cache  # once: the built-ins register no more than once however often this is asked
 def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
     from memtrack.sampling import text_to_image as t2i
     from memtrack.sampling import unconditional as unc
 
